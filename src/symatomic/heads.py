@@ -1,0 +1,54 @@
+"""Output heads: per-atom predictions from backbone features (pure torch)."""
+
+import torch
+
+__all__ = ["DirectHead"]
+
+
+class DirectHead(torch.nn.Module):
+    """Unconstrained per-atom head, as in PET.
+
+    ``y_i = W_n · MLP_n(h_i) + Σ_j fc(r_ij) W_e · MLP_e(m_ij)``: a node part and a
+    cutoff-weighted sum of edge parts. Spherical components are predicted directly, so
+    the output is only as equivariant as the backbone (exactly so under ECSE).
+
+    :param d_node: node feature size
+    :param d_edge: edge feature size
+    :param d_head: hidden size of the two MLPs
+    :param n_outputs: number of outputs per atom (all blocks flattened)
+    """
+
+    def __init__(self, d_node: int, d_edge: int, d_head: int, n_outputs: int):
+        super().__init__()
+        self.node_mlp = torch.nn.Sequential(
+            torch.nn.Linear(d_node, d_head),
+            torch.nn.SiLU(),
+            torch.nn.Linear(d_head, d_head),
+            torch.nn.SiLU(),
+        )
+        self.edge_mlp = torch.nn.Sequential(
+            torch.nn.Linear(d_edge, d_head),
+            torch.nn.SiLU(),
+            torch.nn.Linear(d_head, d_head),
+            torch.nn.SiLU(),
+        )
+        self.node_last = torch.nn.Linear(d_head, n_outputs)
+        self.edge_last = torch.nn.Linear(d_head, n_outputs)
+
+    def forward(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        :param nodes: ``(n_atoms, d_node)``
+        :param edges: ``(n_pairs, d_edge)``
+        :param fc: ``(n_pairs,)`` cutoff factors
+        :param centers: ``(n_pairs,)`` center of every pair
+        :return: ``(n_atoms, n_outputs)``
+        """
+        result = self.node_last(self.node_mlp(nodes))
+        edge_values = self.edge_last(self.edge_mlp(edges)) * fc.unsqueeze(1)
+        return result.index_add(0, centers, edge_values)

@@ -1,0 +1,568 @@
+"""The symatomic model: PET backbone, heads, baselines and scaling, metatomic-facing.
+
+:class:`SymatomicModel` has two entry points sharing the same kernels:
+
+* :meth:`SymatomicModel.forward` takes ``metatomic.torch.System`` objects and returns
+  ``metatensor.torch.TensorMap`` objects (the interface of metatomic models; this is
+  what is exported and run by ASE, i-PI and LAMMPS);
+* :meth:`SymatomicModel.predict` takes plain tensors (used by the trainer).
+
+Every target is predicted as per-atom contributions ``(n_atoms, n_flat)`` (all blocks
+of the target flattened), multiplied by a per-property scale and shifted by a
+per-species composition baseline on its invariant (λ = 0, σ = +1) blocks; per-structure
+values are sums over atoms.
+"""
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import (
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
+
+from .data.targets import TargetSpec
+from .heads import DirectHead
+from .neighbors import reverse_pair_index, sort_pairs
+from .pet import PET, check_pet_hypers
+
+__all__ = ["SymatomicModel", "check_model_hypers"]
+
+
+def check_model_hypers(
+    hypers: Dict[str, Any], where: str = "architecture.model"
+) -> Dict[str, Any]:
+    """Validate the ``architecture.model`` section and fill its defaults."""
+    return check_pet_hypers(dict(hypers), where)
+
+
+class TargetReadout(torch.nn.Module):
+    """Head and output transformation (scale, composition baseline) of one target.
+
+    :param spec: the target
+    :param n_species: number of atomic types of the model
+    :param hypers: model hyper-parameters
+    """
+
+    def __init__(self, spec: TargetSpec, n_species: int, hypers: Dict[str, Any]):
+        super().__init__()
+        self.per_atom = spec.per_atom
+        self.is_scalar = spec.is_scalar
+        self.block_components: List[int] = [b.num_components for b in spec.blocks]
+        self.block_properties: List[int] = [b.num_properties for b in spec.blocks]
+        self.block_sizes: List[int] = [
+            b.num_components * b.num_properties for b in spec.blocks
+        ]
+        self.block_atom_types: List[int] = [
+            -1 if b.atom_type is None else int(b.atom_type) for b in spec.blocks
+        ]
+        n_flat = sum(self.block_sizes)
+        self.head = DirectHead(
+            int(hypers["d_node"]), int(hypers["d_pet"]), int(hypers["d_head"]), n_flat
+        )
+        self.register_buffer("scale", torch.ones(n_flat))
+        self.register_buffer("baseline", torch.zeros(n_species, n_flat))
+
+    def forward(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+        species: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit."""
+        raw = self.head(nodes, edges, fc, centers)
+        return raw * self.scale + self.baseline.index_select(0, species)
+
+    def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """``(n, n_flat)`` → one ``(n, 2λ+1, p)`` tensor per block."""
+        result: List[torch.Tensor] = []
+        for values, components, properties in zip(
+            flat.split(self.block_sizes, dim=1),
+            self.block_components,
+            self.block_properties,
+        ):
+            result.append(values.reshape(-1, components, properties))
+        return result
+
+
+class SymatomicModel(torch.nn.Module):
+    """PET with one head per target, in metatomic's interface.
+
+    :param hypers: the ``architecture.model`` section (PET hyper-parameters)
+    :param atomic_types: atomic numbers the model handles
+    :param targets: the targets to predict
+    :param length_unit: length unit of positions
+    """
+
+    _keys: Dict[str, Labels]
+    _components: Dict[str, List[List[Labels]]]
+    _properties: Dict[str, List[Labels]]
+
+    def __init__(
+        self,
+        hypers: Dict[str, Any],
+        atomic_types: Sequence[int],
+        targets: Dict[str, TargetSpec],
+        length_unit: str = "angstrom",
+    ):
+        super().__init__()
+        self.hypers = check_model_hypers(hypers)
+        self.atomic_types: List[int] = sorted(int(t) for t in atomic_types)
+        if len(self.atomic_types) == 0 or len(set(self.atomic_types)) != len(
+            self.atomic_types
+        ):
+            raise ValueError(
+                f"atomic_types must be distinct and non-empty: {atomic_types}"
+            )
+        self.target_specs: Dict[str, TargetSpec] = dict(targets)
+        self.length_unit = length_unit
+        self.cutoff = float(self.hypers["cutoff"])
+        self.interaction_range = float(self.hypers["num_gnn_layers"]) * self.cutoff
+
+        type_to_index = torch.full((max(self.atomic_types) + 1,), -1, dtype=torch.long)
+        for index, atomic_type in enumerate(self.atomic_types):
+            type_to_index[atomic_type] = index
+        self.register_buffer("type_to_index", type_to_index)
+
+        self.backbone = PET(self.hypers, len(self.atomic_types))
+        self.readouts = torch.nn.ModuleDict(
+            {
+                name: TargetReadout(spec, len(self.atomic_types), self.hypers)
+                for name, spec in targets.items()
+            }
+        )
+        self.target_names: List[str] = list(targets.keys())
+        self.nl_options = NeighborListOptions(
+            cutoff=self.cutoff, full_list=True, strict=True
+        )
+
+        # metadata of the outputs, used to build TensorMaps in ``forward``
+        self._keys: Dict[str, Labels] = {}
+        self._components: Dict[str, List[List[Labels]]] = {}
+        self._properties: Dict[str, List[Labels]] = {}
+        for name, spec in targets.items():
+            layout = spec.layout()
+            self._keys[name] = layout.keys
+            self._components[name] = [block.components for block in layout.blocks()]
+            self._properties[name] = [block.properties for block in layout.blocks()]
+
+    # ------------------------------------------------------------------ kernels
+    def species_index(self, types: torch.Tensor) -> torch.Tensor:
+        """Map atomic numbers to species indices, raising on unknown types."""
+        types = types.to(torch.long)
+        if types.numel() > 0:
+            if int(types.min()) < 0 or int(types.max()) >= self.type_to_index.shape[0]:
+                raise ValueError(
+                    "unknown atomic type(s) in the input; this model knows "
+                    + str(self.atomic_types)
+                )
+        species = self.type_to_index.index_select(0, types)
+        if bool(torch.any(species < 0)):
+            unknown: List[int] = torch.unique(types[species < 0]).tolist()
+            raise ValueError(
+                "unknown atomic type(s) "
+                + str(unknown)
+                + " in the input; this model knows "
+                + str(self.atomic_types)
+            )
+        return species
+
+    def atomic_outputs(
+        self,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        reverse: torch.Tensor,
+        names: List[str],
+    ) -> Dict[str, torch.Tensor]:
+        """Per-atom contributions of the requested targets.
+
+        :param species: ``(n_atoms,)`` species indices
+        :param edge_vectors: ``(n_pairs, 3)``, pairs sorted by center
+        :param centers: ``(n_pairs,)``
+        :param neighbors: ``(n_pairs,)``
+        :param reverse: ``(n_pairs,)`` index of the reverse pair
+        :param names: targets to compute
+        :return: name → ``(n_atoms, n_flat)`` in the target's unit
+        """
+        nodes, edges, fc = self.backbone(
+            species, edge_vectors, centers, neighbors, reverse
+        )
+        result: Dict[str, torch.Tensor] = {}
+        for name, readout in self.readouts.items():
+            if name in names:
+                result[name] = readout(nodes, edges, fc, centers, species)
+        return result
+
+    def predict(
+        self,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        reverse: torch.Tensor,
+        system_index: torch.Tensor,
+        n_systems: int,
+        names: List[str],
+    ) -> Dict[str, List[torch.Tensor]]:
+        """Predictions in the targets' own layout (pure tensors).
+
+        :return: name → one tensor per block: ``(n_systems, 2λ+1, p)`` for
+            per-structure targets, ``(n_atoms_of_block, 2λ+1, p)`` for per-atom targets
+            (atoms in order; only atoms of the block's type for per-type blocks)
+        """
+        atomic = self.atomic_outputs(
+            species, edge_vectors, centers, neighbors, reverse, names
+        )
+        result: Dict[str, List[torch.Tensor]] = {}
+        for name, readout in self.readouts.items():
+            if name in atomic:
+                values = atomic[name]
+                if readout.per_atom:
+                    blocks = readout.split_blocks(values)
+                    selected: List[torch.Tensor] = []
+                    for block, atom_type in zip(blocks, readout.block_atom_types):
+                        if atom_type >= 0:
+                            mask = species == int(self.type_to_index[atom_type])
+                            block = block[mask]
+                        selected.append(block)
+                    result[name] = selected
+                else:
+                    summed = torch.zeros(
+                        n_systems,
+                        values.shape[1],
+                        dtype=values.dtype,
+                        device=values.device,
+                    ).index_add(0, system_index, values)
+                    result[name] = readout.split_blocks(summed)
+        return result
+
+    # ------------------------------------------------------------- metatomic API
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        """The full, strict neighbor list within the cutoff (metatomic protocol)."""
+        return [self.nl_options]
+
+    def forward(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        selected_atoms: Optional[Labels] = None,
+    ) -> Dict[str, TensorMap]:
+        """Evaluate the model in metatomic's interface.
+
+        Outputs are computed for every requested target; ``sample_kind="system"`` sums
+        per-atom contributions over the (selected) atoms of each system.
+        """
+        for name in outputs.keys():
+            if name not in self.target_names:
+                raise ValueError(
+                    "this model can not compute '"
+                    + name
+                    + "'; it computes "
+                    + str(self.target_names)
+                )
+        if len(systems) == 0:
+            raise ValueError("no systems given")
+        device = systems[0].positions.device
+        positions: List[torch.Tensor] = []
+        types: List[torch.Tensor] = []
+        system_index: List[torch.Tensor] = []
+        centers: List[torch.Tensor] = []
+        neighbors: List[torch.Tensor] = []
+        shifts: List[torch.Tensor] = []
+        vectors: List[torch.Tensor] = []
+        offset = 0
+        for index, system in enumerate(systems):
+            n_atoms = system.positions.shape[0]
+            positions.append(system.positions)
+            types.append(system.types)
+            system_index.append(
+                torch.full((n_atoms,), index, dtype=torch.long, device=device)
+            )
+            pairs = system.get_neighbor_list(self.nl_options)
+            samples = pairs.samples.values.to(torch.long)
+            centers.append(samples[:, 0] + offset)
+            neighbors.append(samples[:, 1] + offset)
+            shifts.append(samples[:, 2:5])
+            vectors.append(pairs.values.reshape(-1, 3))
+            offset += n_atoms
+        all_types = torch.cat(types)
+        species = self.species_index(all_types)
+        all_system_index = torch.cat(system_index)
+        all_centers = torch.cat(centers)
+        all_neighbors = torch.cat(neighbors)
+        all_shifts = torch.cat(shifts)
+        all_vectors = torch.cat(vectors)
+        n_total = int(all_types.shape[0])
+
+        distances = torch.linalg.vector_norm(all_vectors.detach(), dim=1)
+        keep = distances < self.cutoff
+        if not bool(torch.all(keep)):
+            all_centers = all_centers[keep]
+            all_neighbors = all_neighbors[keep]
+            all_shifts = all_shifts[keep]
+            all_vectors = all_vectors[keep]
+        order = sort_pairs(all_centers, all_neighbors, n_total)
+        all_centers = all_centers[order]
+        all_neighbors = all_neighbors[order]
+        all_shifts = all_shifts[order]
+        all_vectors = all_vectors[order]
+        reverse = reverse_pair_index(all_centers, all_neighbors, all_shifts, n_total)
+
+        names: List[str] = list(outputs.keys())
+        atomic = self.atomic_outputs(
+            species, all_vectors, all_centers, all_neighbors, reverse, names
+        )
+
+        atom_in_system = torch.arange(n_total, device=device) - torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long, device=device),
+                torch.cumsum(
+                    torch.bincount(all_system_index, minlength=len(systems)), 0
+                )[:-1],
+            ]
+        ).index_select(0, all_system_index)
+        selected = torch.ones(n_total, dtype=torch.bool, device=device)
+        if selected_atoms is not None:
+            selected = torch.zeros(n_total, dtype=torch.bool, device=device)
+            system_column = selected_atoms.column("system").to(torch.long)
+            atom_column = selected_atoms.column("atom").to(torch.long)
+            starts = torch.cat(
+                [
+                    torch.zeros(1, dtype=torch.long, device=device),
+                    torch.cumsum(
+                        torch.bincount(all_system_index, minlength=len(systems)), 0
+                    ),
+                ]
+            )
+            selected[starts.index_select(0, system_column) + atom_column] = True
+
+        result: Dict[str, TensorMap] = {}
+        for name, readout in self.readouts.items():
+            if name in atomic:
+                values = atomic[name]
+                per_atom_request = outputs[name].sample_kind == "atom"
+                blocks: List[TensorBlock] = []
+                flat_blocks = readout.split_blocks(values)
+                for block_index in range(len(flat_blocks)):
+                    block_values = flat_blocks[block_index]
+                    atom_type = readout.block_atom_types[block_index]
+                    mask = selected
+                    if atom_type >= 0:
+                        mask = mask & (all_types.to(torch.long) == atom_type)
+                    if per_atom_request:
+                        block_values = block_values[mask]
+                        sample_values = torch.stack(
+                            [all_system_index[mask], atom_in_system[mask]], dim=1
+                        ).to(torch.int32)
+                        samples = Labels(["system", "atom"], sample_values)
+                    else:
+                        masked = block_values * mask.to(block_values.dtype).reshape(
+                            -1, 1, 1
+                        )
+                        block_values = torch.zeros(
+                            [
+                                len(systems),
+                                block_values.shape[1],
+                                block_values.shape[2],
+                            ],
+                            dtype=block_values.dtype,
+                            device=device,
+                        ).index_add(0, all_system_index, masked)
+                        samples = Labels(
+                            ["system"],
+                            torch.arange(
+                                len(systems), dtype=torch.int32, device=device
+                            ).reshape(-1, 1),
+                        )
+                    components = [
+                        c.to(device) for c in self._components[name][block_index]
+                    ]
+                    if readout.is_scalar:
+                        block_values = block_values.reshape(block_values.shape[0], -1)
+                    blocks.append(
+                        TensorBlock(
+                            values=block_values,
+                            samples=samples,
+                            components=components,
+                            properties=self._properties[name][block_index].to(device),
+                        )
+                    )
+                result[name] = TensorMap(self._keys[name].to(device), blocks)
+        return result
+
+    # --------------------------------------------------------------- statistics
+    def fit_output_statistics(
+        self, structures: Sequence[Any]
+    ) -> Dict[str, List[float]]:
+        """Fit composition baselines and scales of every target on training data.
+
+        Baselines: per-species contributions to invariant (λ=0, σ=+1) blocks, by least
+        squares over structures (per-structure targets) or per-species means
+        (per-atom targets). Scales: root mean square of the residual per atom and per
+        component, for every property.
+
+        :param structures: training structures (:class:`symatomic.data.Structure`)
+        :return: target name → scales of its properties (for logging)
+        """
+        n_species = len(self.atomic_types)
+        index = {t: i for i, t in enumerate(self.atomic_types)}
+        report: Dict[str, List[float]] = {}
+        for name, spec in self.target_specs.items():
+            readout = self.readouts[name]
+            baseline = torch.zeros_like(readout.baseline, dtype=torch.float64)
+            scale = torch.ones_like(readout.scale, dtype=torch.float64)
+            start = 0
+            for block_index, block in enumerate(spec.blocks):
+                size = block.num_components * block.num_properties
+                values = [s.targets[name][block_index] for s in structures]
+                invariant = block.o3_lambda == 0 and block.o3_sigma == 1
+                if spec.per_atom:
+                    atom_species = []
+                    for s in structures:
+                        types = s.types
+                        if block.atom_type is not None:
+                            types = types[types == block.atom_type]
+                        atom_species.append(
+                            torch.tensor([index[int(t)] for t in types])
+                        )
+                    all_values = torch.cat(values).reshape(-1, size)
+                    all_species = torch.cat(atom_species)
+                    weights = torch.zeros(n_species, size, dtype=torch.float64)
+                    if invariant:
+                        for sp in range(n_species):
+                            mask = all_species == sp
+                            if bool(mask.any()):
+                                weights[sp] = all_values[mask].mean(0)
+                    residual = all_values - weights[all_species]
+                    mean_square = (
+                        residual.reshape(-1, block.num_components, block.num_properties)
+                        ** 2
+                    ).mean(dim=(0, 1))
+                else:
+                    counts = np.zeros((len(structures), n_species))
+                    for row, s in enumerate(structures):
+                        for t in s.types.tolist():
+                            counts[row, index[t]] += 1
+                    y = torch.stack([v.reshape(size) for v in values]).numpy()
+                    weights = torch.zeros(n_species, size, dtype=torch.float64)
+                    if invariant:
+                        solution = np.linalg.lstsq(counts, y, rcond=None)[0]
+                        weights = torch.tensor(solution, dtype=torch.float64)
+                    residual = torch.tensor(y) - torch.tensor(counts) @ weights
+                    n_atoms = torch.tensor(counts.sum(1)).reshape(-1, 1)
+                    per_atom_square = residual**2 / n_atoms
+                    mean_square = per_atom_square.reshape(
+                        -1, block.num_components, block.num_properties
+                    ).mean(dim=(0, 1))
+                block_scale = torch.sqrt(mean_square)
+                block_scale[
+                    ~(block_scale > 1e-12 * max(float(block_scale.max()), 1e-300))
+                ] = 1.0
+                block_scale[block_scale == 0] = 1.0
+                baseline[:, start : start + size] = weights
+                scale[start : start + size] = block_scale.repeat(block.num_components)
+                start += size
+            readout.baseline.copy_(baseline.to(readout.baseline.dtype))
+            readout.scale.copy_(scale.to(readout.scale.dtype))
+            report[name] = scale.tolist()
+        return report
+
+    # ------------------------------------------------------------------ export
+    def capabilities(self) -> ModelCapabilities:
+        """The metatomic capabilities of this model (outputs, types, range, units)."""
+        outputs: Dict[str, ModelOutput] = {}
+        for name, spec in self.target_specs.items():
+            outputs[name] = ModelOutput(
+                unit=spec.unit,
+                sample_kind="atom",
+                description=spec.description or _describe_target(spec),
+            )
+        dtype = next(self.parameters()).dtype
+        return ModelCapabilities(
+            outputs=outputs,
+            atomic_types=self.atomic_types,
+            interaction_range=self.interaction_range,
+            length_unit=self.length_unit,
+            supported_devices=["cpu", "cuda"],
+            dtype="float64" if dtype == torch.float64 else "float32",
+        )
+
+    def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
+        """Wrap this model in a :class:`metatomic.torch.AtomisticModel`.
+
+        The target descriptions (reading keys, blocks, units) are stored in the
+        metadata's ``extra`` under ``symatomic:targets``, so that ``symatomic eval``
+        can find reference values in a data file.
+        """
+        extra = {
+            "symatomic:targets": json.dumps(
+                {name: spec.to_dict() for name, spec in self.target_specs.items()}
+            )
+        }
+        if metadata is None:
+            metadata = ModelMetadata(
+                name="symatomic PET",
+                description="PET model trained with symatomic",
+                references={
+                    "architecture": ["https://arxiv.org/abs/2305.19302"],
+                    "implementation": ["https://github.com/symatomic/symatomic"],
+                },
+                extra=extra,
+            )
+        else:
+            merged = dict(metadata.extra)
+            merged.update(extra)
+            metadata = ModelMetadata(
+                name=metadata.name,
+                description=metadata.description,
+                authors=metadata.authors,
+                references=metadata.references,
+                extra=merged,
+            )
+        model = self.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return AtomisticModel(model, metadata, self.capabilities())
+
+    # -------------------------------------------------------------- checkpoints
+    def model_data(self) -> Dict[str, Any]:
+        """Everything needed to rebuild this model (without its weights)."""
+        return {
+            "hypers": dict(self.hypers),
+            "atomic_types": list(self.atomic_types),
+            "targets": {
+                name: spec.to_dict() for name, spec in self.target_specs.items()
+            },
+            "length_unit": self.length_unit,
+        }
+
+    @staticmethod
+    def from_model_data(data: Dict[str, Any]) -> "SymatomicModel":
+        targets = {
+            name: TargetSpec.from_dict(spec) for name, spec in data["targets"].items()
+        }
+        return SymatomicModel(
+            data["hypers"], data["atomic_types"], targets, data["length_unit"]
+        )
+
+
+def _describe_target(spec: TargetSpec) -> str:
+    blocks = ", ".join(
+        f"(o3_lambda={b.o3_lambda}, o3_sigma={b.o3_sigma})" for b in spec.blocks
+    )
+    if spec.kind == "cartesian":
+        return f"Cartesian rank-{spec.rank} tensor as spherical blocks {blocks}"
+    if spec.kind == "spherical":
+        return f"spherical tensor with blocks {blocks}"
+    return "scalar"

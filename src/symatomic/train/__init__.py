@@ -1,0 +1,13 @@
+"""Training: losses, the training loop, checkpoints and data parallelism."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .trainer import Trainer, TrainingResult, evaluate_structures, export_model
+
+__all__ = [
+    "Trainer",
+    "TrainingResult",
+    "evaluate_structures",
+    "export_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,93 @@
+"""Checkpoints: written atomically, validated when read."""
+
+import os
+import tempfile
+import zipfile
+from typing import Any, Dict
+
+import torch
+
+from .. import __version__
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+]
+
+CHECKPOINT_FORMAT = "symatomic-checkpoint"
+#: version of the checkpoint layout; bump it (and add an upgrade step) when it changes
+CHECKPOINT_VERSION = 1
+
+_REQUIRED = ("model_data", "model_state_dict", "epoch")
+
+
+def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
+    """Write ``checkpoint`` to ``path`` atomically.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, and then
+    replaces ``path`` in one step: an interrupted write never leaves a truncated file,
+    and the previous checkpoint stays intact until the new one is complete.
+    """
+    checkpoint = dict(checkpoint)
+    checkpoint["format"] = CHECKPOINT_FORMAT
+    checkpoint["version"] = CHECKPOINT_VERSION
+    checkpoint["symatomic_version"] = __version__
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """Bring an older checkpoint to :data:`CHECKPOINT_VERSION` (hook for the future)."""
+    version = checkpoint.get("version")
+    if not isinstance(version, int):
+        raise ValueError(f"checkpoint '{path}' has no valid version number")
+    if version > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint '{path}' has version {version}, newer than this symatomic "
+            f"({__version__}) understands (version {CHECKPOINT_VERSION}); upgrade "
+            "symatomic"
+        )
+    # version 1 is the first layout: nothing to upgrade yet
+    return checkpoint
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read and validate a symatomic checkpoint, with clear errors for bad files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise ValueError(
+            f"checkpoint '{path}' is corrupt or not a symatomic checkpoint "
+            f"(could not be read: {str(error).splitlines()[0] if str(error) else error!r})"
+        ) from None
+    except Exception as error:  # unpickling errors of all kinds
+        raise ValueError(
+            f"checkpoint '{path}' is corrupt or not a symatomic checkpoint ({error!r})"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or checkpoint.get("format") != CHECKPOINT_FORMAT
+    ):
+        raise ValueError(
+            f"'{path}' is not a symatomic checkpoint (a metatomic .pt model? "
+            "use 'symatomic eval' on exported models)"
+        )
+    missing = [key for key in _REQUIRED if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint '{path}' is incomplete: missing {missing}")
+    return upgrade_checkpoint(checkpoint, path)

@@ -1,0 +1,548 @@
+"""Training loop: AdamW, warm-up + cosine schedule, validation, checkpoints, resume.
+
+Reproducibility: the shuffling of every epoch and the random rotations of every step
+come from generators seeded by ``(seed, epoch, step)``, so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+
+Data parallelism: every global batch is split over the ranks of ``torch.distributed``;
+losses are normalised by counts summed over ranks and gradients are summed, so the
+update equals that of a single process on the whole batch.
+"""
+
+import copy
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.batch import collate, random_o3_augmentation
+from ..data.sets import DataSets, load_data_sets
+from ..data.structures import Structure
+from ..data.targets import TargetSpec
+from ..model import SymatomicModel
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import DistributedContext
+from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
+
+__all__ = ["Trainer", "TrainingResult", "evaluate_structures", "export_model"]
+
+LOGGER = logging.getLogger("symatomic")
+
+_MIX = 1_000_003  # to derive independent seeds from (seed, epoch, step)
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced."""
+
+    output_dir: str
+    checkpoint: str
+    exported_model: Optional[str]
+    best_epoch: int
+    validation_errors: Dict[str, float] = field(default_factory=dict)
+    test_errors: Dict[str, float] = field(default_factory=dict)
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _dtype(options: Dict[str, Any]) -> torch.dtype:
+    return torch.float64 if options["base_precision"] == 64 else torch.float32
+
+
+def _learning_rate_factor(step: int, total_steps: int, hypers: Dict[str, Any]) -> float:
+    warmup = int(hypers["warmup_fraction"] * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if hypers["scheduler"] == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    minimum = hypers["min_learning_rate_ratio"]
+    return minimum + (1 - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _gradient_scales(
+    structures: List[Structure], specs: Dict[str, TargetSpec]
+) -> Dict[str, float]:
+    scales: Dict[str, float] = {}
+    for name, spec in specs.items():
+        if spec.has_forces:
+            values = torch.cat([s.forces[name].reshape(-1) for s in structures])
+            scales[name + "/forces"] = float(torch.sqrt((values**2).mean())) or 1.0
+        if spec.has_stress:
+            values = torch.cat([s.stress[name].reshape(-1) for s in structures])
+            scales[name + "/stress"] = float(torch.sqrt((values**2).mean())) or 1.0
+    return scales
+
+
+def evaluate_structures(
+    model: SymatomicModel,
+    structures: List[Structure],
+    specs: Dict[str, TargetSpec],
+    batch_size: int,
+    context: Optional[DistributedContext] = None,
+    weights: Optional[Dict[str, float]] = None,
+    gradient_scales: Optional[Dict[str, float]] = None,
+) -> Dict[str, float]:
+    """Errors of ``model`` on ``structures``.
+
+    :return: RMSE per key of :class:`ErrorAccumulator`, MAE under ``mae:<key>``, and,
+        when ``weights`` are given, the training loss on these structures under
+        ``loss``
+    """
+    accumulator = ErrorAccumulator(specs)
+    dtype = next(model.parameters()).dtype
+    keys = sorted(weights) if weights is not None else []
+    sums = torch.zeros(len(keys), dtype=torch.float64)
+    counts = torch.zeros(len(keys), dtype=torch.float64)
+    for start in range(0, len(structures), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(structures))))
+        if context is not None:
+            chunk = context.shard(chunk)
+        if not chunk:
+            continue
+        batch = collate([structures[i] for i in chunk], dtype)
+        predictions = predict_batch(model, batch, specs, with_gradients=True)
+        accumulator.update(batch, predictions)
+        if weights is not None:
+            terms = loss_terms(model, batch, specs, predictions, gradient_scales or {})
+            for i, key in enumerate(keys):
+                if key in terms.sums:
+                    sums[i] += float(terms.sums[key].detach())
+                    counts[i] += terms.counts[key]
+    if context is not None:
+        accumulator.reduce(context)
+        context.all_reduce_sum(sums)
+        context.all_reduce_sum(counts)
+    result = accumulator.rmse()
+    result.update({"mae:" + k: v for k, v in accumulator.mae().items()})
+    if weights is not None:
+        result["loss"] = float(
+            sum(
+                weights[key] * float(sums[i]) / float(counts[i])
+                for i, key in enumerate(keys)
+                if counts[i] > 0
+            )
+        )
+    return result
+
+
+class Trainer:
+    """Train a :class:`SymatomicModel` as described by a checked options dictionary.
+
+    :param options: options (see :func:`symatomic.options.check_options`)
+    :param output_dir: folder for checkpoints, the exported model and the log
+    :param restart: checkpoint to resume from (exactly, same options)
+    :param progress: show progress bars
+    """
+
+    def __init__(
+        self,
+        options: Dict[str, Any],
+        output_dir: str,
+        restart: Optional[str] = None,
+        progress: bool = True,
+    ):
+        self.options = options
+        self.output_dir = output_dir
+        self.restart = restart
+        self.progress = progress
+        self.hypers = options["architecture"]["training"]
+        self.dtype = _dtype(options)
+        self.context = DistributedContext()
+
+    # --------------------------------------------------------------- set-up
+    def _log(self, message: str, *args: Any) -> None:
+        if self.context.is_main:
+            LOGGER.info(message, *args)
+
+    def _setup_model(
+        self, data: Optional[DataSets], checkpoint: Optional[Dict]
+    ) -> None:
+        if checkpoint is not None:
+            self.model = SymatomicModel.from_model_data(checkpoint["model_data"])
+            self.model.to(self.dtype)
+            self.model.load_state_dict(checkpoint["model_state_dict"])
+            return
+        assert data is not None
+        architecture = self.options["architecture"]
+        torch.manual_seed(self.options["seed"])
+        self.model = SymatomicModel(
+            architecture["model"], data.atomic_types, data.targets, data.length_unit
+        )
+        self.model.to(self.dtype)
+        scales = self.model.fit_output_statistics(data.train)
+        for name, values in scales.items():
+            self._log(
+                "target '%s': scale %s %s",
+                name,
+                np.array2string(np.unique(np.round(values, 6))[:6], precision=4),
+                data.targets[name].unit,
+            )
+
+    def run(self) -> TrainingResult:
+        checkpoint = load_checkpoint(self.restart) if self.restart else None
+        if checkpoint is not None:
+            if checkpoint.get("options") is not None:
+                saved = checkpoint["options"]
+                if saved["architecture"] != self.options["architecture"]:
+                    LOGGER.warning(
+                        "the architecture options differ from those of the checkpoint; "
+                        "using the checkpoint's model with the new training options"
+                    )
+            specs = {
+                name: TargetSpec.from_dict(spec)
+                for name, spec in checkpoint["model_data"]["targets"].items()
+            }
+            data = load_data_sets(
+                self.options,
+                checkpoint["model_data"]["hypers"]["cutoff"],
+                atomic_types=checkpoint["model_data"]["atomic_types"],
+                targets=specs,
+            )
+        else:
+            model_hypers = self.options["architecture"]["model"]
+            data = load_data_sets(
+                self.options,
+                model_hypers["cutoff"],
+                atomic_types=self.options["architecture"].get("atomic_types"),
+            )
+        self.data = data
+        self._log(
+            "data: %d training, %d validation, %d test structures; atomic types %s",
+            len(data.train),
+            len(data.validation),
+            len(data.test),
+            data.atomic_types,
+        )
+        for name, spec in data.targets.items():
+            gradients = [
+                g for g in ("forces", "stress") if getattr(spec, g) is not None
+            ]
+            if spec.virial is not None:
+                gradients.append("virial")
+            self._log(
+                "target '%s' (%s, per %s, unit '%s'): blocks %s%s",
+                name,
+                spec.kind
+                if spec.kind != "cartesian"
+                else f"Cartesian rank {spec.rank}",
+                spec.sample_kind,
+                spec.unit,
+                [(b.o3_lambda, b.o3_sigma) for b in spec.blocks],
+                f", with {' and '.join(gradients)}" if gradients else "",
+            )
+        self._setup_model(data, checkpoint)
+        model = self.model
+        specs = model.target_specs
+        self._log(
+            "model: PET, %d parameters, cutoff %.2f %s, interaction range %.2f %s",
+            sum(p.numel() for p in model.parameters()),
+            model.cutoff,
+            data.length_unit,
+            model.interaction_range,
+            data.length_unit,
+        )
+        gradient_scales = (
+            checkpoint["gradient_scales"]
+            if checkpoint is not None
+            else _gradient_scales(data.train, specs)
+        )
+
+        hypers = self.hypers
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=hypers["learning_rate"],
+            weight_decay=hypers["weight_decay"],
+        )
+        n_train = len(data.train)
+        batch_size = hypers["batch_size"]
+        steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+        total_steps = steps_per_epoch * hypers["num_epochs"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: _learning_rate_factor(step, total_steps, hypers)
+        )
+
+        start_epoch = 0
+        best_metric = math.inf
+        best_epoch = -1
+        best_state = copy.deepcopy(model.state_dict())
+        history: List[Dict[str, float]] = []
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+            start_epoch = checkpoint["epoch"] + 1
+            best_metric = checkpoint["best_metric"]
+            best_epoch = checkpoint["best_epoch"]
+            best_state = checkpoint["best_model_state_dict"]
+            history = list(checkpoint.get("history", []))
+            self._log("resuming from epoch %d of %s", start_epoch, self.restart)
+
+        if self.context.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+        last_path = os.path.join(self.output_dir, "last.ckpt")
+        best_path = os.path.join(self.output_dir, "model.ckpt")
+        weights = {name: float(hypers["loss_weights"].get(name, 1.0)) for name in specs}
+        unknown = set(hypers["loss_weights"]) - set(specs)
+        if unknown:
+            raise ValueError(
+                f"architecture.training.loss_weights: {sorted(unknown)} are not targets "
+                f"({sorted(specs)})"
+            )
+        for name, spec in specs.items():
+            if spec.has_forces:
+                weights[name + "/forces"] = hypers["forces_weight"]
+            if spec.has_stress:
+                weights[name + "/stress"] = hypers["stress_weight"]
+        train_with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
+
+        seed = self.options["seed"]
+        for epoch in range(start_epoch, hypers["num_epochs"]):
+            start_time = time.perf_counter()
+            model.train()
+            order = (
+                np.random.default_rng(seed * _MIX + epoch).permutation(n_train).tolist()
+            )
+            epoch_loss = 0.0
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{hypers['num_epochs']}",
+                disable=not (self.progress and self.context.is_main),
+                leave=False,
+                file=sys.stderr,
+                mininterval=0.5,
+                dynamic_ncols=True,
+            )
+            train_errors = ErrorAccumulator(specs)
+            for step in bar:
+                global_chunk = order[step * batch_size : (step + 1) * batch_size]
+                loss_value = self._train_step(
+                    global_chunk,
+                    epoch,
+                    step,
+                    optimizer,
+                    weights,
+                    gradient_scales,
+                    train_with_gradients,
+                    train_errors,
+                )
+                scheduler.step()
+                epoch_loss += loss_value
+                bar.set_postfix(loss=f"{loss_value:.4g}")
+            bar.close()
+            train_errors.reduce(self.context)
+            record: Dict[str, float] = {
+                "epoch": epoch + 1,
+                "loss": epoch_loss / steps_per_epoch,
+                "learning_rate": scheduler.get_last_lr()[0],
+            }
+            record.update({"train:" + k: v for k, v in train_errors.rmse().items()})
+
+            validate = (epoch + 1) % hypers["validation_interval"] == 0 or (
+                epoch + 1 == hypers["num_epochs"]
+            )
+            if validate and data.validation:
+                model.eval()
+                errors = evaluate_structures(
+                    model,
+                    data.validation,
+                    specs,
+                    batch_size,
+                    self.context,
+                    weights,
+                    gradient_scales,
+                )
+                record.update({"val:" + k: v for k, v in errors.items()})
+                metric = errors["loss"]
+            elif validate:
+                metric = record["loss"]
+            else:
+                metric = math.inf
+            if metric < best_metric:
+                best_metric = metric
+                best_epoch = epoch
+                best_state = copy.deepcopy(model.state_dict())
+            record["time"] = time.perf_counter() - start_time
+            history.append(record)
+            if self.context.is_main and (
+                (epoch + 1) % hypers["log_interval"] == 0
+                or epoch + 1 == hypers["num_epochs"]
+            ):
+                LOGGER.info(self._format_record(record, specs, data.length_unit))
+
+            checkpoint_data = {
+                "model_data": model.model_data(),
+                "model_state_dict": model.state_dict(),
+                "best_model_state_dict": best_state,
+                "best_epoch": best_epoch,
+                "best_metric": best_metric,
+                "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "epoch": epoch,
+                "gradient_scales": gradient_scales,
+                "options": self.options,
+                "split_indices": data.indices,
+                "history": history,
+            }
+            if self.context.is_main:
+                save_checkpoint(checkpoint_data, last_path)
+                if (epoch + 1) % hypers["checkpoint_interval"] == 0:
+                    save_checkpoint(
+                        checkpoint_data,
+                        os.path.join(
+                            self.output_dir, "checkpoints", f"epoch-{epoch + 1}.ckpt"
+                        ),
+                    )
+                if best_epoch == epoch:
+                    save_checkpoint(checkpoint_data, best_path)
+            self.context.barrier()
+
+        # final evaluation with the best model
+        model.load_state_dict(best_state)
+        model.eval()
+        validation_errors = (
+            evaluate_structures(model, data.validation, specs, batch_size, self.context)
+            if data.validation
+            else {}
+        )
+        test_errors = (
+            evaluate_structures(model, data.test, specs, batch_size, self.context)
+            if data.test
+            else {}
+        )
+        exported = None
+        if self.context.is_main:
+            if not os.path.exists(best_path):
+                save_checkpoint(checkpoint_data, best_path)
+            exported = os.path.join(self.output_dir, "model.pt")
+            export_model(copy.deepcopy(model), exported)
+        self.context.barrier()
+        return TrainingResult(
+            output_dir=self.output_dir,
+            checkpoint=best_path,
+            exported_model=exported,
+            best_epoch=best_epoch + 1,
+            validation_errors=validation_errors,
+            test_errors=test_errors,
+            history=history,
+        )
+
+    # ------------------------------------------------------------ internals
+    def _train_step(
+        self,
+        global_chunk: List[int],
+        epoch: int,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        weights: Dict[str, float],
+        gradient_scales: Dict[str, float],
+        with_gradients: bool,
+        errors: ErrorAccumulator,
+    ) -> float:
+        model = self.model
+        specs = model.target_specs
+        optimizer.zero_grad(set_to_none=False)
+        generator = torch.Generator().manual_seed(
+            (self.options["seed"] * _MIX + epoch) * _MIX + step
+        )
+        local = self.context.shard(list(range(len(global_chunk))))
+        global_batch_structures = [self.data.train[i] for i in global_chunk]
+        # draw the rotations of the whole global batch, keep this rank's
+        matrices = None
+        if self.hypers["augmentation"]:
+            from metatomic.torch.o3 import random_transformations
+
+            matrices = random_transformations(
+                len(global_chunk),
+                0,
+                device=torch.device("cpu"),
+                dtype=torch.float64,
+                add_inversions=True,
+                generator=generator,
+            ).matrices
+        counts_keys: List[str] = []
+        loss = torch.zeros((), dtype=self.dtype)
+        if local:
+            batch = collate([global_batch_structures[i] for i in local], self.dtype)
+            if matrices is not None:
+                batch = random_o3_augmentation(batch, specs, matrices=matrices[local])
+            predictions = predict_batch(
+                model, batch, specs, with_gradients=with_gradients, create_graph=True
+            )
+            terms = loss_terms(model, batch, specs, predictions, gradient_scales)
+            errors.update(batch, predictions)
+        else:
+            terms = None
+        counts_keys = sorted(weights)
+        local_counts = torch.tensor(
+            [terms.counts.get(k, 0.0) if terms else 0.0 for k in counts_keys],
+            dtype=torch.float64,
+        )
+        global_counts = self.context.all_reduce_sum(local_counts.clone())
+        if terms is not None:
+            for key, count in zip(counts_keys, global_counts.tolist()):
+                if key in terms.sums and count > 0:
+                    loss = loss + weights[key] * terms.sums[key] / count
+            loss.backward()
+        self.context.all_reduce_gradients(model.parameters())
+        if self.hypers["grad_clip_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(
+                model.parameters(), self.hypers["grad_clip_norm"]
+            )
+        optimizer.step()
+        loss_tensor = self.context.all_reduce_sum(
+            torch.tensor([float(loss.detach())], dtype=torch.float64)
+        )
+        return float(loss_tensor[0])
+
+    def _format_record(
+        self, record: Dict[str, float], specs: Dict[str, TargetSpec], length_unit: str
+    ) -> str:
+        parts = [
+            f"epoch {int(record['epoch']):4d}",
+            f"loss {record['loss']:.4g}",
+            f"lr {record['learning_rate']:.2e}",
+        ]
+        for prefix in ("train", "val"):
+            values = []
+            for key in _display_keys(specs):
+                full = f"{prefix}:{key}"
+                if full in record:
+                    unit = error_unit(specs, key, length_unit)
+                    values.append(
+                        f"{key} {record[full]:.4g}{(' ' + unit) if unit else ''}"
+                    )
+            if values:
+                parts.append(f"{prefix} RMSE: " + ", ".join(values))
+        parts.append(f"{record['time']:.1f}s")
+        return " | ".join(parts)
+
+
+def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
+    keys = []
+    for name, spec in specs.items():
+        keys.append(name)
+        if spec.has_forces:
+            keys.append(name + "/forces")
+        if spec.has_stress:
+            keys.append(name + "/stress")
+    return keys
+
+
+def export_model(model: SymatomicModel, path: str) -> None:
+    """Export to a metatomic ``.pt`` file, written atomically."""
+    exported = model.export()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        exported.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)

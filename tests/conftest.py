@@ -1,0 +1,128 @@
+"""Shared fixtures: small synthetic data sets with exactly known tensor targets."""
+
+import os
+from typing import List
+
+import ase
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+CHARGES = {1: 0.3, 6: -0.2, 8: -0.5}
+POLARIZABILITY = {1: 1.0, 6: 5.0, 8: 3.0}
+
+TINY_MODEL = {
+    "cutoff": 3.5,
+    "cutoff_width": 0.5,
+    "d_pet": 16,
+    "d_node": 16,
+    "d_head": 16,
+    "d_feedforward": 16,
+    "num_heads": 2,
+    "num_attention_layers": 1,
+    "num_gnn_layers": 2,
+}
+
+
+def shared_data(name: str) -> str:
+    """Path of a file of ``../shared/data``; skips the test when it is absent."""
+    path = os.path.normpath(os.path.join(SHARED_DATA, name))
+    if not os.path.exists(path):
+        pytest.skip(f"shared data file {name} is not available")
+    return path
+
+
+def random_molecule(rng: np.random.Generator, n_atoms: int) -> ase.Atoms:
+    """A random molecule of H, C, O with no two atoms closer than 0.9 Å."""
+    numbers = rng.choice([1, 6, 8], size=n_atoms)
+    positions: List[np.ndarray] = []
+    while len(positions) < n_atoms:
+        candidate = rng.normal(scale=1.2, size=3)
+        if all(np.linalg.norm(candidate - p) > 0.9 for p in positions):
+            positions.append(candidate)
+    return ase.Atoms(numbers=numbers, positions=np.array(positions))
+
+
+def synthetic_targets(atoms: ase.Atoms) -> None:
+    """Attach exactly equivariant synthetic targets to ``atoms``.
+
+    energy: smooth pair potential; forces: its exact negative gradient; dipole:
+    point charges; polarizability: symmetric rank 2; beta: symmetric rank 3;
+    charges: per-atom scalars.
+    """
+    positions = atoms.get_positions()
+    centered = positions - positions.mean(axis=0)
+    numbers = atoms.numbers
+    energy = 0.0
+    forces = np.zeros_like(positions)
+    for i in range(len(atoms)):
+        for j in range(i + 1, len(atoms)):
+            d = positions[j] - positions[i]
+            r = np.linalg.norm(d)
+            e = np.exp(-r) * (1 + 0.1 * numbers[i] * numbers[j] / 64)
+            energy += e
+            # dE/dr_j = -e * d / r
+            forces[j] += e * d / r
+            forces[i] -= e * d / r
+    energy += sum(-1.0 * z for z in numbers)
+    dipole = sum(CHARGES[z] * r for z, r in zip(numbers, centered))
+    alpha = sum(
+        POLARIZABILITY[z] * np.eye(3) + 0.3 * np.outer(r, r)
+        for z, r in zip(numbers, centered)
+    )
+    beta = sum(np.einsum("i,j,k->ijk", r, r, r) for r in centered)
+    atoms.info["energy"] = float(energy)
+    atoms.info["dipole"] = np.asarray(dipole)
+    atoms.info["polarizability"] = alpha.reshape(9)
+    atoms.info["beta"] = beta.reshape(27)
+    atoms.arrays["forces"] = forces
+    atoms.arrays["charges_ref"] = np.array([CHARGES[z] for z in numbers]) + 0.05 * (
+        np.linalg.norm(centered, axis=1)
+    )
+
+
+def make_frames(n: int, seed: int = 0) -> List[ase.Atoms]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = random_molecule(rng, int(rng.integers(3, 7)))
+        synthetic_targets(atoms)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture
+def synthetic_file(tmp_path) -> str:
+    path = str(tmp_path / "synthetic.xyz")
+    ase.io.write(path, make_frames(24), format="extxyz")
+    return path
+
+
+def tiny_options(path: str, targets: dict, epochs: int = 3, **training) -> dict:
+    hypers = {
+        "num_epochs": epochs,
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "warmup_fraction": 0.0,
+    }
+    hypers.update(training)
+    return {
+        "seed": 1,
+        "base_precision": 64,
+        "architecture": {"name": "pet", "model": dict(TINY_MODEL), "training": hypers},
+        "training_set": {"systems": {"read_from": path}, "targets": targets},
+        "validation_set": 0.25,
+        "test_set": 0.0,
+    }
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tests are small: one thread avoids oversubscription on busy machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,165 @@
+"""Cartesian ↔ spherical conversions against explicit formulas, and equivariance."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from metatomic.torch.o3 import random_transformations
+
+from symatomic.o3 import CartesianDecomposition, inversion_parity, real_clebsch_gordan
+
+
+def _rotate_cartesian(tensor: torch.Tensor, rotation: torch.Tensor, rank: int):
+    for axis in range(1, rank + 1):
+        tensor = torch.movedim(
+            torch.tensordot(tensor, rotation, dims=([axis], [1])), -1, axis
+        )
+    return tensor
+
+
+def _symmetrize(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    permutations = list(itertools.permutations(range(1, rank + 1)))
+    return sum(tensor.permute([0, *p, rank + 1]) for p in permutations) / len(
+        permutations
+    )
+
+
+def test_vector_is_yzx():
+    v = torch.randn(4, 3, 2, dtype=torch.float64)
+    (block,) = CartesianDecomposition(1).to_spherical(v)
+    assert torch.equal(block, v[:, [1, 2, 0], :])
+
+
+def test_rank2_explicit_formulas():
+    m = torch.randn(5, 3, 3, 2, dtype=torch.float64)
+    decomposition = CartesianDecomposition(2)
+    assert decomposition.irreps == [(0, 1), (1, -1), (2, 1)]
+    l0, l1, l2 = decomposition.to_spherical(m)
+    x, y, z = 0, 1, 2
+    s2 = math.sqrt(2)
+    expected_l0 = (m[:, x, x] + m[:, y, y] + m[:, z, z]) / math.sqrt(3)
+    expected_l1 = torch.stack(
+        [
+            (m[:, x, z] - m[:, z, x]) / s2,
+            (m[:, y, x] - m[:, x, y]) / s2,
+            (m[:, z, y] - m[:, y, z]) / s2,
+        ],
+        dim=1,
+    )
+    expected_l2 = torch.stack(
+        [
+            (m[:, x, y] + m[:, y, x]) / s2,
+            (m[:, y, z] + m[:, z, y]) / s2,
+            (2 * m[:, z, z] - m[:, x, x] - m[:, y, y]) / math.sqrt(6),
+            (m[:, x, z] + m[:, z, x]) / s2,
+            (m[:, x, x] - m[:, y, y]) / s2,
+        ],
+        dim=1,
+    )
+    torch.testing.assert_close(l0[:, 0], expected_l0, atol=1e-14, rtol=0)
+    torch.testing.assert_close(l1, expected_l1, atol=1e-14, rtol=0)
+    torch.testing.assert_close(l2, expected_l2, atol=1e-14, rtol=0)
+
+
+def test_rank2_symmetric_drops_antisymmetric_block():
+    decomposition = CartesianDecomposition(2, symmetric=True)
+    assert decomposition.irreps == [(0, 1), (2, 1)]
+    m = _symmetrize(torch.randn(3, 3, 3, 1, dtype=torch.float64), 2)
+    torch.testing.assert_close(
+        decomposition.to_cartesian(decomposition.to_spherical(m)), m, atol=1e-14, rtol=0
+    )
+
+
+def test_rank3_symmetric_explicit_formulas():
+    beta = _symmetrize(torch.randn(4, 3, 3, 3, 1, dtype=torch.float64), 3)
+    decomposition = CartesianDecomposition(3, symmetric=True)
+    assert decomposition.irreps == [(1, 1), (3, 1)]
+    l1, l3 = decomposition.to_spherical(beta)
+    # vector part: v_k = β_kjj, normalised by sqrt(3/5), in (y, z, x) order
+    v = torch.einsum("nkjjp->nkp", beta)
+    torch.testing.assert_close(
+        l1, math.sqrt(3 / 5) * v[:, [1, 2, 0]], atol=1e-13, rtol=0
+    )
+    # λ=3 part: β minus its vector part (1/5)(δ_ij v_k + δ_ik v_j + δ_jk v_i)
+    eye = torch.eye(3, dtype=torch.float64)
+    vector_part = (
+        torch.einsum("ij,nkp->nijkp", eye, v)
+        + torch.einsum("ik,njp->nijkp", eye, v)
+        + torch.einsum("jk,nip->nijkp", eye, v)
+    ) / 5
+    only_l3 = decomposition.to_cartesian([torch.zeros_like(l1), l3])
+    torch.testing.assert_close(only_l3, beta - vector_part, atol=1e-13, rtol=0)
+    # the λ=3 part is traceless
+    assert torch.einsum("nkjjp->nkp", only_l3).abs().max() < 1e-13
+    # norm preservation (orthonormal decomposition)
+    torch.testing.assert_close(
+        (l1**2).sum() + (l3**2).sum(), (beta**2).sum(), atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "rank, symmetric", [(1, False), (2, False), (2, True), (3, False), (3, True)]
+)
+def test_equivariance_with_metatomic_wigner_d(rank, symmetric):
+    decomposition = CartesianDecomposition(rank, symmetric)
+    tensor = torch.randn([6] + [3] * rank + [2], dtype=torch.float64)
+    if symmetric:
+        tensor = _symmetrize(tensor, rank)
+    blocks = decomposition.to_spherical(tensor)
+    # round trip
+    torch.testing.assert_close(
+        decomposition.to_cartesian(blocks), tensor, atol=1e-13, rtol=0
+    )
+    for _ in range(3):
+        transformation = random_transformations(
+            1, 3, device=torch.device("cpu"), dtype=torch.float64, add_inversions=True
+        )
+        rotation = transformation.matrices[0]
+        improper = bool(transformation.improper_mask[0])
+        rotated = decomposition.to_spherical(_rotate_cartesian(tensor, rotation, rank))
+        for (o3_lambda, o3_sigma), block, block_rotated in zip(
+            decomposition.irreps, blocks, rotated
+        ):
+            wigner = transformation.wigner_D_matrices(o3_lambda)[0]
+            parity = inversion_parity(o3_lambda, o3_sigma) if improper else 1
+            expected = parity * torch.einsum("mn,snp->smp", wigner, block)
+            torch.testing.assert_close(block_rotated, expected, atol=1e-12, rtol=0)
+
+
+def test_rank3_multiplicities():
+    decomposition = CartesianDecomposition(3)
+    assert [
+        (b.o3_lambda, b.o3_sigma, b.multiplicity) for b in decomposition.blocks
+    ] == [
+        (0, -1, 1),
+        (1, 1, 3),
+        (2, -1, 2),
+        (3, 1, 1),
+    ]
+    total = sum((2 * b.o3_lambda + 1) * b.multiplicity for b in decomposition.blocks)
+    assert total == 27
+
+
+def test_real_clebsch_gordan_orthonormal():
+    for l1, l2 in [(1, 1), (2, 1), (2, 3)]:
+        columns = np.concatenate(
+            [
+                real_clebsch_gordan(l1, l2, lam).reshape(
+                    (2 * l1 + 1) * (2 * l2 + 1), -1
+                )
+                for lam in range(abs(l1 - l2), l1 + l2 + 1)
+            ],
+            axis=1,
+        )
+        np.testing.assert_allclose(
+            columns.T @ columns, np.eye(columns.shape[1]), atol=1e-13
+        )
+    with pytest.raises(ValueError, match="cannot couple"):
+        real_clebsch_gordan(1, 1, 3)
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match="rank 4"):
+        CartesianDecomposition(4)

@@ -1,0 +1,166 @@
+"""Training: loss goes down, exact resume, checkpoints, CLI, distributed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_options
+
+from symatomic.cli import main
+from symatomic.options import check_options
+from symatomic.train import Trainer, load_checkpoint, save_checkpoint
+
+TARGETS = {
+    "energy": {"key": "energy", "unit": "eV"},
+    "mtt::dipole": {
+        "key": "dipole",
+        "type": {"cartesian": {"rank": 1}},
+        "unit": "e*Angstrom",
+    },
+    "mtt::polarizability": {
+        "key": "polarizability",
+        "type": {"cartesian": {"rank": 2}},
+    },
+}
+
+
+def _train(path, output, epochs=3, restart=None, **training):
+    options = check_options(tiny_options(path, TARGETS, epochs=epochs, **training))
+    return Trainer(options, str(output), restart=restart, progress=False).run()
+
+
+def test_training_lowers_the_loss(synthetic_file, tmp_path):
+    result = _train(synthetic_file, tmp_path / "run", epochs=20)
+    train = [record["loss"] for record in result.history]
+    validation = [record["val:loss"] for record in result.history]
+    assert sum(train[-3:]) / 3 < 0.6 * train[0]
+    assert min(validation) < 0.7 * validation[0]
+    assert os.path.exists(result.exported_model)
+    assert os.path.exists(result.checkpoint)
+    assert "energy/forces" in result.validation_errors
+    assert "mtt::polarizability/o3_lambda=2,o3_sigma=1" in result.validation_errors
+
+
+def test_resume_is_exact(synthetic_file, tmp_path):
+    full = _train(synthetic_file, tmp_path / "full", epochs=4, checkpoint_interval=2)
+    middle = tmp_path / "full" / "checkpoints" / "epoch-2.ckpt"
+    assert middle.exists()
+    resumed = _train(
+        synthetic_file,
+        tmp_path / "resumed",
+        epochs=4,
+        restart=str(middle),
+        checkpoint_interval=2,
+    )
+    a = load_checkpoint(str(tmp_path / "full" / "last.ckpt"))
+    b = load_checkpoint(str(tmp_path / "resumed" / "last.ckpt"))
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model_state_dict"].items():
+        assert torch.equal(value, b["model_state_dict"][key]), key
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in resumed.history]
+
+
+def test_corrupt_checkpoints(synthetic_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.ckpt"))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(ValueError, match="corrupt or not a symatomic checkpoint"):
+        load_checkpoint(str(garbage))
+    _train(synthetic_file, tmp_path / "run", epochs=1)
+    good = (tmp_path / "run" / "model.ckpt").read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(str(truncated))
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, str(other))
+    with pytest.raises(ValueError, match="not a symatomic checkpoint"):
+        load_checkpoint(str(other))
+    # the CLI reports the problem instead of a traceback
+    assert main(["export", str(truncated), "-o", str(tmp_path / "x.pt")]) == 1
+
+
+def test_checkpoint_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "a.ckpt")
+    save_checkpoint({"model_data": {}, "model_state_dict": {}, "epoch": 1}, path)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model_data": {}, "model_state_dict": {}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_cli_train_export_eval(synthetic_file, tmp_path, capsys):
+    options = tiny_options(synthetic_file, TARGETS, epochs=2)
+    options_path = tmp_path / "options.yaml"
+    options_path.write_text(yaml.safe_dump(options))
+    output = tmp_path / "out"
+    assert main(["train", str(options_path), "-o", str(output), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "exported model:" in printed and "validation errors" in printed
+    # never overwrite an earlier result
+    with pytest.raises(SystemExit, match="already exists"):
+        main(["train", str(options_path), "-o", str(output)])
+    exported = tmp_path / "exported.pt"
+    assert main(["export", str(output / "model.ckpt"), "-o", str(exported)]) == 0
+    predictions = tmp_path / "predictions.mts"
+    assert main(["eval", str(exported), synthetic_file, "-o", str(predictions)]) == 0
+    printed = capsys.readouterr().out
+    assert "errors against the reference values" in printed
+    assert "energy/forces" in printed
+    files = sorted(os.listdir(tmp_path))
+    assert "predictions-mtt_dipole.mts" in files
+    # bad inputs give one clear line
+    assert main(["eval", str(tmp_path / "nothing.pt"), synthetic_file]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_distributed_matches_single_process(synthetic_file, tmp_path):
+    """2 processes under torchrun (gloo) give the same model as 1 process."""
+    options = tiny_options(synthetic_file, TARGETS, epochs=2, batch_size=8)
+    options_path = tmp_path / "options.yaml"
+    options_path.write_text(yaml.safe_dump(options))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "symatomic",
+        "train",
+        str(options_path),
+        "-o",
+        str(tmp_path / "ddp"),
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        main(
+            [
+                "train",
+                str(options_path),
+                "-o",
+                str(tmp_path / "single"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    a = load_checkpoint(str(tmp_path / "ddp" / "last.ckpt"))["model_state_dict"]
+    b = load_checkpoint(str(tmp_path / "single" / "last.ckpt"))["model_state_dict"]
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], atol=1e-10, rtol=1e-9, msg=key)
