@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import make_frames, shared_data
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 import symatomic.io
+from conftest import make_frames, shared_data
 from symatomic.data import read_dataset, read_frames
 from symatomic.o3 import CartesianDecomposition
 from symatomic.options import check_options
@@ -164,7 +164,7 @@ def test_atom_type_blocks_from_mts(synthetic_file, tmp_path):
         "type": {
             "spherical": {
                 "irreps": {
-                    t: [{"o3_lambda": l, "o3_sigma": s, "num": n} for l, s, n in ir]
+                    t: [{"o3_lambda": lam, "o3_sigma": s, "num": n} for lam, s, n in ir]
                     for t, ir in irreps.items()
                 }
             }

@@ -6,16 +6,16 @@ import ase
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, make_frames
+from metatensor.torch import Labels
 from metatomic.torch import (
     ModelEvaluationOptions,
     ModelOutput,
     System,
     load_atomistic_model,
 )
-from metatensor.torch import Labels
 
 import symatomic.io
+from conftest import TINY_MODEL, make_frames
 from symatomic.data import compute_neighbors, structure_from_atoms
 from symatomic.data.batch import collate
 from symatomic.data.targets import parse_target_options

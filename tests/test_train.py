@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_options
 
+from conftest import tiny_options
 from symatomic.cli import main
 from symatomic.options import check_options
 from symatomic.train import Trainer, load_checkpoint, save_checkpoint
