@@ -164,3 +164,55 @@ def test_distributed_matches_single_process(synthetic_file, tmp_path):
     b = load_checkpoint(str(tmp_path / "single" / "last.ckpt"))["model_state_dict"]
     for key, value in a.items():
         torch.testing.assert_close(value, b[key], atol=1e-10, rtol=1e-9, msg=key)
+
+
+def test_validation_file_needs_every_target(synthetic_file, tmp_path):
+    options = tiny_options(synthetic_file, TARGETS, epochs=1)
+    options["validation_set"] = {
+        "systems": synthetic_file,
+        "targets": {"energy": {"key": "energy", "unit": "eV"}},
+    }
+    with pytest.raises(
+        ValueError, match=r"validation_set.targets lacks \['mtt::dipole'"
+    ):
+        Trainer(check_options(options), str(tmp_path / "run"), progress=False).run()
+
+
+def test_validation_file_without_forces(synthetic_file, tmp_path):
+    import ase.io
+
+    from symatomic.data import read_frames
+
+    frames = [atoms.copy() for atoms in read_frames(synthetic_file)[:6]]
+    for atoms in frames:
+        del atoms.arrays["forces"]
+    other = str(tmp_path / "no-forces.xyz")
+    ase.io.write(other, frames)
+    targets = {"energy": {"key": "energy", "unit": "eV"}}
+    options = tiny_options(synthetic_file, targets, epochs=1)
+    options["validation_set"] = {"systems": other, "targets": targets}
+    result = Trainer(
+        check_options(options), str(tmp_path / "run"), progress=False
+    ).run()
+    assert "energy" in result.validation_errors
+    assert "energy/forces" not in result.validation_errors
+
+
+def test_finished_run_can_not_resume(synthetic_file, tmp_path):
+    _train(synthetic_file, tmp_path / "run", epochs=1)
+    with pytest.raises(ValueError, match="increase num_epochs"):
+        _train(
+            synthetic_file,
+            tmp_path / "again",
+            epochs=1,
+            restart=str(tmp_path / "run" / "last.ckpt"),
+        )
+
+
+def test_unknown_unit_is_rejected_before_training(synthetic_file, tmp_path):
+    targets = {"energy": {"key": "energy", "unit": "electronvolts-ish"}}
+    with pytest.raises(ValueError, match="not a unit metatomic knows"):
+        _train_targets = tiny_options(synthetic_file, targets, epochs=1)
+        Trainer(
+            check_options(_train_targets), str(tmp_path / "run"), progress=False
+        ).run()

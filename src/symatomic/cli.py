@@ -75,14 +75,25 @@ def _train(args: argparse.Namespace) -> int:
         options["architecture"]["training"]["num_epochs"] = args.epochs
 
     output_dir = args.output_dir
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if output_dir is None and distributed:
+        raise SystemExit(
+            "error: give --output-dir in distributed runs (every process must use the "
+            "same folder)"
+        )
     if output_dir is None:
         stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
         output_dir = os.path.join("outputs", stamp)
     for name in ("model.ckpt", "last.ckpt", "model.pt"):
         existing = os.path.join(output_dir, name)
-        if os.path.exists(existing) and (
-            args.restart is None
-            or os.path.abspath(args.restart) != os.path.abspath(existing)
+        if (
+            is_main
+            and os.path.exists(existing)
+            and (
+                args.restart is None
+                or os.path.abspath(args.restart) != os.path.abspath(existing)
+            )
         ):
             raise SystemExit(
                 f"error: '{existing}' already exists; choose another --output-dir so "
@@ -96,7 +107,10 @@ def _train(args: argparse.Namespace) -> int:
             "never overwritten"
         )
     os.makedirs(output_dir, exist_ok=True)
-    _setup_logging(os.path.join(output_dir, "train.log"))
+    if is_main:
+        _setup_logging(os.path.join(output_dir, "train.log"))
+    else:
+        LOGGER.setLevel(logging.WARNING)
     LOGGER.info(
         "symatomic train: options from %s, results in %s", options_path, output_dir
     )
@@ -139,7 +153,10 @@ def _export(args: argparse.Namespace) -> int:
     _setup_logging()
     checkpoint = load_checkpoint(args.checkpoint)
     model = SymatomicModel.from_model_data(checkpoint["model_data"])
-    state = checkpoint.get("best_model_state_dict") or checkpoint["model_state_dict"]
+    if args.weights == "best" and checkpoint.get("best_model_state_dict") is not None:
+        state = checkpoint["best_model_state_dict"]
+    else:
+        state = checkpoint["model_state_dict"]
     dtype = next(iter(v for v in state.values() if v.is_floating_point())).dtype
     model.to(dtype)
     try:
@@ -162,7 +179,8 @@ def _eval(args: argparse.Namespace) -> int:
     import metatomic.torch
 
     from . import io
-    from .data.readers import read_dataset
+    from .data.readers import read_dataset, read_targets_into
+    from .data.targets import GradientSpec
     from .train.losses import error_unit
 
     _setup_logging()
@@ -205,8 +223,9 @@ def _eval(args: argparse.Namespace) -> int:
                 }
             }
         if spec.is_energy:
-            entry["forces"] = False if spec.forces is None else {"key": spec.forces.key}
-            entry["stress"] = False if spec.stress is None else {"key": spec.stress.key}
+            # gradients are compared when the file has them
+            entry["forces"] = False
+            entry["stress"] = False
         targets[name] = entry
     available = {}
     for name, entry in targets.items():
@@ -216,7 +235,12 @@ def _eval(args: argparse.Namespace) -> int:
                 "reference values",
                 {name: specs[name]},
             )
-            available[name] = (structures, read_specs[name])
+            spec = read_specs[name]
+            if spec.is_energy and specs[name].forces is not None:
+                spec.forces = GradientSpec(args.structures, specs[name].forces.key)
+                spec.optional_gradients.append("forces")
+                read_targets_into(structures, {name: spec})
+            available[name] = (structures, spec)
         except (KeyError, ValueError) as error:
             LOGGER.info(
                 "no reference values for '%s' in %s (%s)", name, args.structures, error
@@ -253,7 +277,7 @@ def _eval(args: argparse.Namespace) -> int:
             absolute / count,
             unit,
         )
-        if spec.is_energy and spec.forces is not None:
+        if spec.is_energy and all(name in s.forces for s in structures):
             gradient = predicted.block().gradient("positions")
             import torch
 
@@ -302,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("-o", "--output", default="model.pt")
     export.add_argument("--force", action="store_true", help="replace an existing file")
+    export.add_argument(
+        "--weights",
+        choices=["best", "last"],
+        default="best",
+        help="weights of the best validation epoch (default) or of the last epoch",
+    )
     export.set_defaults(function=_export)
 
     evaluate = commands.add_parser(

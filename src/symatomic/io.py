@@ -111,8 +111,10 @@ def predict(
     :param model: path of a ``.pt`` file or a loaded :class:`AtomisticModel`
     :param structures: a file readable by ASE, ASE atoms, or structures
     :param outputs: names of the outputs (default: every output of the model)
-    :param forces: attach ``positions`` gradients to energies
-    :param stress: attach ``strain`` gradients to energies of periodic structures
+    :param batch_size: number of structures evaluated together
+    :param forces: attach ``positions`` gradients (``dE/dr``) to energies
+    :param stress: with ``forces``, also attach ``strain`` gradients (``dE/dε``) to
+        energies when every structure of a batch is periodic
     :return: output name → TensorMap over all structures (``system`` samples numbered
         in the order of ``structures``)
     """
@@ -314,7 +316,8 @@ def targets_to_tensormap(
     spec: TargetSpec, structures: Sequence[Structure]
 ) -> TensorMap:
     """Reference values of one target (as read into ``structures``) as a TensorMap in
-    the target's layout (float64); energies get forces/stress as gradients."""
+    the target's layout (float64). Only the values: forces and stress of energies are
+    in ``structure.forces`` / ``structure.stress``."""
     layout = spec.layout()
     blocks = []
     for block_index, template in enumerate(layout.blocks()):

@@ -87,17 +87,14 @@ def load_options(path: str) -> Dict[str, Any]:
 
 
 def _resolve_paths(node: Any, base: str) -> None:
-    """Make ``read_from`` paths relative to the options file's folder."""
+    """Make file paths (``read_from``, ``systems``, ``indices``) relative to the
+    options file's folder."""
     if isinstance(node, dict):
         for key, value in node.items():
             if (
-                key == "read_from"
+                key in ("read_from", "systems", "indices")
                 and isinstance(value, str)
                 and not os.path.isabs(value)
-            ):
-                node[key] = os.path.normpath(os.path.join(base, value))
-            elif (
-                key == "systems" and isinstance(value, str) and not os.path.isabs(value)
             ):
                 node[key] = os.path.normpath(os.path.join(base, value))
             else:
@@ -191,7 +188,13 @@ def check_training_hypers(
                 f"{where}.{name} must be a {expected.__name__}, got {value!r}"
             )
         result[name] = value
-    for name in ("num_epochs", "batch_size", "checkpoint_interval", "log_interval"):
+    for name in (
+        "num_epochs",
+        "batch_size",
+        "checkpoint_interval",
+        "log_interval",
+        "validation_interval",
+    ):
         if result[name] < 1:
             raise ValueError(f"{where}.{name} must be positive")
     if result["learning_rate"] <= 0:

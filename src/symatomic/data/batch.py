@@ -27,6 +27,7 @@ class Batch:
     :param neighbors: ``(E,)``
     :param cell_shifts: ``(E, 3)`` integer shifts
     :param reverse: ``(E,)`` index of the reverse pair
+    :param n_atoms: ``(S,)`` number of atoms of every structure
     :param targets: name → one tensor per block, samples in order (structures for
         per-structure targets, atoms — of the block's type — for per-atom ones)
     :param forces: energy target name → ``(N, 3)``
@@ -47,6 +48,30 @@ class Batch:
     forces: Dict[str, torch.Tensor] = field(default_factory=dict)
     stress: Dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> "Batch":
+        """A copy of this batch on ``device``."""
+        moved = Batch(
+            **{
+                name: getattr(self, name).to(device)
+                for name in (
+                    "positions",
+                    "types",
+                    "system_index",
+                    "cells",
+                    "pbc",
+                    "centers",
+                    "neighbors",
+                    "cell_shifts",
+                    "reverse",
+                    "n_atoms",
+                )
+            }
+        )
+        moved.targets = {k: [v.to(device) for v in b] for k, b in self.targets.items()}
+        moved.forces = {k: v.to(device) for k, v in self.forces.items()}
+        moved.stress = {k: v.to(device) for k, v in self.stress.items()}
+        return moved
+
     @property
     def n_systems(self) -> int:
         return int(self.cells.shape[0])
@@ -54,7 +79,7 @@ class Batch:
     def sample_systems(self, spec: TargetSpec, block_index: int) -> torch.Tensor:
         """Structure of every sample of one block of a target."""
         if not spec.per_atom:
-            return torch.arange(self.n_systems)
+            return torch.arange(self.n_systems, device=self.positions.device)
         atom_type = spec.blocks[block_index].atom_type
         if atom_type is None:
             return self.system_index
@@ -62,9 +87,12 @@ class Batch:
 
 
 def collate(
-    structures: Sequence[Structure], dtype: torch.dtype = torch.float64
+    structures: Sequence[Structure],
+    dtype: torch.dtype = torch.float64,
+    device: Optional[torch.device] = None,
 ) -> Batch:
-    """Concatenate structures (which must have neighbor lists) into a :class:`Batch`."""
+    """Concatenate structures (which must have neighbor lists) into a :class:`Batch`
+    of ``dtype`` floats on ``device``."""
     positions = []
     types = []
     system_index = []
@@ -111,6 +139,8 @@ def collate(
         batch.forces[name] = torch.cat([s.forces[name] for s in structures]).to(dtype)
     for name in first.stress:
         batch.stress[name] = torch.stack([s.stress[name] for s in structures]).to(dtype)
+    if device is not None and device.type != "cpu":
+        batch = batch.to(device)
     return batch
 
 
@@ -146,8 +176,9 @@ def random_o3_augmentation(
         from metatomic.torch.o3 import O3Transformations
 
         transformations = O3Transformations(matrices.to(torch.float64), max_lambda)
-    rotations = transformations.matrices.to(dtype)
-    improper = transformations.improper_mask
+    device = batch.positions.device
+    rotations = transformations.matrices.to(dtype=dtype, device=device)
+    improper = transformations.improper_mask.to(device)
 
     atom_rotations = rotations.index_select(0, batch.system_index)
     positions = torch.bmm(batch.positions.unsqueeze(1), atom_rotations.transpose(1, 2))
@@ -174,13 +205,15 @@ def random_o3_augmentation(
         spec = specs[name]
         rotated = []
         for block_index, (block, values) in enumerate(zip(spec.blocks, blocks)):
-            wigner = transformations.wigner_D_matrices(block.o3_lambda).to(dtype)
+            wigner = transformations.wigner_D_matrices(block.o3_lambda).to(
+                dtype=dtype, device=device
+            )
             systems = batch.sample_systems(spec, block_index)
             parity = float(block.o3_sigma * (-1) ** block.o3_lambda)
             factor = torch.where(
                 improper.index_select(0, systems),
-                torch.tensor(parity, dtype=dtype),
-                torch.tensor(1.0, dtype=dtype),
+                torch.tensor(parity, dtype=dtype, device=device),
+                torch.tensor(1.0, dtype=dtype, device=device),
             )
             new = torch.bmm(wigner.index_select(0, systems), values)
             rotated.append(new * factor.reshape(-1, 1, 1))

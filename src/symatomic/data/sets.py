@@ -114,7 +114,13 @@ def load_data_sets(
             indices[section] = chosen
             excluded.update(chosen)
         elif isinstance(value, (dict, str)):
-            other, _, other_systems = read_dataset(value, section, specs)
+            other, other_specs, other_systems = read_dataset(value, section, specs)
+            missing = sorted(set(specs) - set(other_specs))
+            if missing:
+                raise ValueError(
+                    f"{section}.targets lacks {missing}: validation and test sets need "
+                    "every target of the training set"
+                )
             if other_systems["length_unit"] != systems["length_unit"]:
                 raise ValueError(
                     f"{section}.systems.length_unit ({other_systems['length_unit']}) "

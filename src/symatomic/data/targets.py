@@ -243,8 +243,6 @@ _TARGET_FIELDS = {
     "symmetric",
 }
 
-_RENAMED = {"dipole": "mtt::dipole"}
-
 
 def parse_target_options(
     name: str, options: Any, default_read_from: str, where: str = "targets"
@@ -307,12 +305,14 @@ def parse_target_options(
         )
 
     read_from = str(options.get("read_from", default_read_from))
+    unit = str(options.get("unit", ""))
+    _check_unit(unit, f"{where}.{name}.unit")
     spec = TargetSpec(
         name=name,
         kind="scalar",
         sample_kind=sample_kind,
         quantity=quantity,
-        unit=str(options.get("unit", "")),
+        unit=unit,
         description=str(options.get("description", "")),
         num_subtargets=num_subtargets,
         read_from=read_from,
@@ -453,6 +453,21 @@ def parse_target_options(
     if is_energy and (spec.kind != "scalar" or num_subtargets != 1):
         raise ValueError(f"{where}.{name}: energy targets must be single scalars")
     return spec
+
+
+def _check_unit(unit: str, where: str) -> None:
+    """Reject units metatomic does not know now, not at export after training."""
+    if not unit:
+        return
+    from metatomic.torch import unit_conversion_factor
+
+    try:
+        unit_conversion_factor(unit, unit)
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else repr(error)
+        raise ValueError(
+            f"{where}: '{unit}' is not a unit metatomic knows ({message})"
+        ) from None
 
 
 def _parse_irreps(irreps: Any, where: str) -> List[Tuple[int, int, int]]:

@@ -16,16 +16,17 @@ class DistributedContext:
     (``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "cpu") -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.enabled = world_size > 1
         self.owns_group = False
         if self.enabled and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if device_type == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
             self.owns_group = True
         self.rank = dist.get_rank() if self.enabled else 0
         self.world_size = dist.get_world_size() if self.enabled else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
     @property
     def is_main(self) -> bool:

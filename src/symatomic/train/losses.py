@@ -40,7 +40,10 @@ def predict_batch(
     if need_forces or need_stress:
         positions = positions.detach().requires_grad_(need_forces)
     strain = torch.zeros(
-        (batch.n_systems, 3, 3), dtype=positions.dtype, requires_grad=need_stress
+        (batch.n_systems, 3, 3),
+        dtype=positions.dtype,
+        device=positions.device,
+        requires_grad=need_stress,
     )
     displaced_positions = positions
     displaced_cells = cells
@@ -127,7 +130,9 @@ def loss_terms(
     for name, spec in specs.items():
         readout = model.readouts[name]
         scales = readout.split_blocks(readout.scale.unsqueeze(0))
-        total = torch.zeros((), dtype=batch.positions.dtype)
+        total = torch.zeros(
+            (), dtype=batch.positions.dtype, device=batch.positions.device
+        )
         count = 0
         for prediction, reference, scale in zip(
             blocks[name], batch.targets[name], scales
@@ -139,13 +144,13 @@ def loss_terms(
             count += residual.numel()
         terms.sums[name] = total
         terms.counts[name] = float(count)
-        if name in forces:
+        if name in forces and name in batch.forces:
             residual = (forces[name] - batch.forces[name]) / gradient_scales[
                 name + "/forces"
             ]
             terms.sums[name + "/forces"] = (residual**2).sum()
             terms.counts[name + "/forces"] = float(residual.numel())
-        if name in stress:
+        if name in stress and name in batch.stress:
             residual = (stress[name] - batch.stress[name]) / gradient_scales[
                 name + "/stress"
             ]
@@ -212,10 +217,10 @@ class ErrorAccumulator:
             self.squared[name] = self.squared.get(name, 0.0) + total_squared
             self.absolute[name] = self.absolute.get(name, 0.0) + total_absolute
             self.counts[name] = self.counts.get(name, 0.0) + count
-            if name in forces:
+            if name in forces and name in batch.forces:
                 difference = forces[name] - batch.forces[name]
                 self._add(name + "/forces", difference, float(difference.numel()))
-            if name in stress:
+            if name in stress and name in batch.stress:
                 difference = stress[name] - batch.stress[name]
                 self._add(name + "/stress", difference, float(difference.numel()))
 

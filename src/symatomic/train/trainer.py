@@ -96,7 +96,8 @@ def evaluate_structures(
         ``loss``
     """
     accumulator = ErrorAccumulator(specs)
-    dtype = next(model.parameters()).dtype
+    parameter = next(model.parameters())
+    dtype, device = parameter.dtype, parameter.device
     keys = sorted(weights) if weights is not None else []
     sums = torch.zeros(len(keys), dtype=torch.float64)
     counts = torch.zeros(len(keys), dtype=torch.float64)
@@ -106,7 +107,7 @@ def evaluate_structures(
             chunk = context.shard(chunk)
         if not chunk:
             continue
-        batch = collate([structures[i] for i in chunk], dtype)
+        batch = collate([structures[i] for i in chunk], dtype, device)
         predictions = predict_batch(model, batch, specs, with_gradients=True)
         accumulator.update(batch, predictions)
         if weights is not None:
@@ -154,7 +155,15 @@ class Trainer:
         self.progress = progress
         self.hypers = options["architecture"]["training"]
         self.dtype = _dtype(options)
-        self.context = DistributedContext()
+        device_type = options.get("device", "cpu")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was requested but CUDA is not available")
+        self.context = DistributedContext(device_type)
+        if device_type == "cuda":
+            self.device = torch.device("cuda", self.context.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
 
     # --------------------------------------------------------------- set-up
     def _log(self, message: str, *args: Any) -> None:
@@ -166,7 +175,7 @@ class Trainer:
     ) -> None:
         if checkpoint is not None:
             self.model = SymatomicModel.from_model_data(checkpoint["model_data"])
-            self.model.to(self.dtype)
+            self.model.to(dtype=self.dtype, device=self.device)
             self.model.load_state_dict(checkpoint["model_state_dict"])
             return
         assert data is not None
@@ -175,8 +184,9 @@ class Trainer:
         self.model = SymatomicModel(
             architecture["model"], data.atomic_types, data.targets, data.length_unit
         )
-        self.model.to(self.dtype)
+        self.model.to(dtype=self.dtype)
         scales = self.model.fit_output_statistics(data.train)
+        self.model.to(device=self.device)
         for name, values in scales.items():
             self._log(
                 "target '%s': scale %s %s",
@@ -281,6 +291,11 @@ class Trainer:
             best_epoch = checkpoint["best_epoch"]
             best_state = checkpoint["best_model_state_dict"]
             history = list(checkpoint.get("history", []))
+            if start_epoch >= hypers["num_epochs"]:
+                raise ValueError(
+                    f"checkpoint '{self.restart}' already finished epoch {start_epoch} of "
+                    f"{hypers['num_epochs']}: increase num_epochs to train further"
+                )
             self._log("resuming from epoch %d of %s", start_epoch, self.restart)
 
         if self.context.is_main:
@@ -420,7 +435,7 @@ class Trainer:
             if not os.path.exists(best_path):
                 save_checkpoint(checkpoint_data, best_path)
             exported = os.path.join(self.output_dir, "model.pt")
-            export_model(copy.deepcopy(model), exported)
+            export_model(copy.deepcopy(model).to("cpu"), exported)
         self.context.barrier()
         return TrainingResult(
             output_dir=self.output_dir,
@@ -466,9 +481,11 @@ class Trainer:
                 generator=generator,
             ).matrices
         counts_keys: List[str] = []
-        loss = torch.zeros((), dtype=self.dtype)
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
         if local:
-            batch = collate([global_batch_structures[i] for i in local], self.dtype)
+            batch = collate(
+                [global_batch_structures[i] for i in local], self.dtype, self.device
+            )
             if matrices is not None:
                 batch = random_o3_augmentation(batch, specs, matrices=matrices[local])
             predictions = predict_batch(
