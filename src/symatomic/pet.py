@@ -16,11 +16,10 @@ PET sees Cartesian components: it is not rotationally invariant by itself.
 """
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .neighbors import padded_layout
 from .smooth import cutoff_function
 
 __all__ = ["PET", "PET_DEFAULT_HYPERS", "check_pet_hypers", "count_parameters"]
@@ -99,6 +98,87 @@ def check_pet_hypers(
     return result
 
 
+class AttentionLayout:
+    """Where the tokens of every atom go in the padded attention grids.
+
+    Atoms are sorted by number of neighbors and split in a few groups, each padded to
+    its own largest neighbor count, so that little attention work is spent on
+    padding. Tokens are numbered node tokens first (``0 … n_atoms-1``), then edge
+    tokens (``n_atoms + pair``).
+
+    :param rows: per group, ``(atoms_in_group, tokens)`` token of every grid slot
+        (padding slots point to token 0; their attention weight is exactly 0)
+    :param biases: per group, ``(atoms_in_group, 1, 1, tokens)``: ``log fc`` of
+        the edge tokens, 0 for the node token, ``-inf`` on padding
+    :param inverse: ``(n_atoms + n_pairs,)`` position of every token in the
+        concatenated flattened grids
+    """
+
+    def __init__(
+        self,
+        rows: List[torch.Tensor],
+        biases: List[torch.Tensor],
+        inverse: torch.Tensor,
+    ):
+        self.rows = rows
+        self.biases = biases
+        self.inverse = inverse
+
+
+def attention_layout(
+    centers: torch.Tensor, log_fc: torch.Tensor, n_atoms: int, max_groups: int
+) -> AttentionLayout:
+    """Build the :class:`AttentionLayout` of pairs sorted by center.
+
+    :param centers: ``(n_pairs,)`` sorted
+    :param log_fc: ``(n_pairs,)`` log of the cutoff factors (differentiable)
+    :param max_groups: largest number of groups of atoms
+    """
+    device = centers.device
+    n_pairs = centers.shape[0]
+    counts = torch.zeros(n_atoms, dtype=torch.long, device=device)
+    counts.index_add_(0, centers, torch.ones_like(centers))
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(counts, stable=True)
+    n_groups = max(1, min(max_groups, n_atoms // 32))
+    if n_atoms > 0 and int(counts.min()) == int(counts.max()):
+        n_groups = 1
+    token_bias = torch.cat(
+        [torch.zeros(n_atoms, dtype=log_fc.dtype, device=device), log_fc]
+    )
+    rows: List[torch.Tensor] = []
+    biases: List[torch.Tensor] = []
+    inverse = torch.zeros(n_atoms + n_pairs, dtype=torch.long, device=device)
+    offset = 0
+    for group in torch.tensor_split(order, n_groups):
+        if group.shape[0] == 0:
+            continue
+        group_counts = counts.index_select(0, group)
+        n_tokens = int(group_counts.max()) + 1
+        rank = torch.arange(n_tokens - 1, device=device).unsqueeze(0)
+        real = rank < group_counts.unsqueeze(1)
+        edge_rows = torch.where(
+            real, n_atoms + first.index_select(0, group).unsqueeze(1) + rank, 0
+        )
+        group_rows = torch.cat([group.unsqueeze(1), edge_rows], dim=1)
+        group_real = torch.cat(
+            [torch.ones((group.shape[0], 1), dtype=torch.bool, device=device), real],
+            dim=1,
+        )
+        bias = torch.where(
+            group_real,
+            token_bias.index_select(0, group_rows.reshape(-1)).view(group_rows.shape),
+            torch.full_like(token_bias[:1], -math.inf),
+        )
+        flat_real = group_real.reshape(-1)
+        positions = torch.arange(flat_real.shape[0], device=device) + offset
+        inverse[group_rows.reshape(-1)[flat_real]] = positions[flat_real]
+        offset += flat_real.shape[0]
+        rows.append(group_rows)
+        biases.append(bias.view(group_rows.shape[0], 1, 1, n_tokens))
+    return AttentionLayout(rows, biases, inverse)
+
+
 def _norm(kind: str, dim: int) -> torch.nn.Module:
     if kind == "RMSNorm":
         return torch.nn.RMSNorm(dim)
@@ -137,6 +217,7 @@ class AttentionLayer(torch.nn.Module):
         d_node = int(hypers["d_node"])
         self.num_heads = int(hypers["num_heads"])
         self.head_dim = d_pet // self.num_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
         self.d_pet = d_pet
         self.norm_attention = _norm(hypers["normalization"], d_pet)
         self.qkv = torch.nn.Linear(d_pet, 3 * d_pet)
@@ -154,36 +235,29 @@ class AttentionLayer(torch.nn.Module):
         self,
         nodes: torch.Tensor,
         edges: torch.Tensor,
-        token_slots: torch.Tensor,
-        attention_bias: torch.Tensor,
-        n_tokens: int,
+        layout: "AttentionLayout",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         :param nodes: ``(n_atoms, d_node)``
         :param edges: ``(n_pairs, d_pet)``
-        :param token_slots: ``(n_atoms + n_pairs,)`` flat slots of node then edge
-            tokens in the ``(n_atoms, n_tokens)`` grid
-        :param attention_bias: ``(n_atoms, 1, 1, n_tokens)``: ``log fc`` of real
-            tokens, ``-inf`` on padding
+        :param layout: where every token goes in the padded attention grids
         :return: updated ``(nodes, edges)``
         """
         n_atoms = nodes.shape[0]
-        node_tokens = self.node_contraction(nodes)
-        tokens = torch.cat([node_tokens, edges], dim=0)
+        tokens = torch.cat([self.node_contraction(nodes), edges], dim=0)
         qkv = self.qkv(self.norm_attention(tokens))
-        grid = torch.zeros(
-            n_atoms * n_tokens, qkv.shape[1], dtype=qkv.dtype, device=qkv.device
-        ).index_copy(0, token_slots, qkv)
-        grid = grid.view(n_atoms, n_tokens, 3, self.num_heads, self.head_dim)
-        grid = grid.permute(2, 0, 3, 1, 4)  # (3, n_atoms, heads, n_tokens, head_dim)
-        queries, keys, values = grid[0], grid[1], grid[2]
-        scores = torch.matmul(queries, keys.transpose(-1, -2)) * (
-            1.0 / math.sqrt(self.head_dim)
-        )
-        weights = torch.softmax(scores + attention_bias, dim=-1)
-        attended = torch.matmul(weights, values)  # (n_atoms, heads, n_tokens, head_dim)
-        attended = attended.transpose(1, 2).reshape(n_atoms * n_tokens, self.d_pet)
-        attended = self.output(attended.index_select(0, token_slots))
+        outputs: List[torch.Tensor] = []
+        for rows, bias in zip(layout.rows, layout.biases):
+            n_group, n_tokens = rows.shape
+            grid = qkv.index_select(0, rows.reshape(-1))
+            grid = grid.view(n_group, n_tokens, 3, self.num_heads, self.head_dim)
+            queries, keys, values = grid.permute(2, 0, 3, 1, 4).unbind(0)
+            scores = torch.matmul(queries * self.scale, keys.transpose(-1, -2))
+            weights = torch.softmax(scores + bias, dim=-1)
+            attended = torch.matmul(weights, values)  # (group, heads, tokens, dim)
+            outputs.append(attended.transpose(1, 2).reshape(-1, self.d_pet))
+        attended = torch.cat(outputs, dim=0).index_select(0, layout.inverse)
+        attended = self.output(attended)
 
         node_update, edge_update = attended.split([n_atoms, edges.shape[0]], dim=0)
         edges = edges + edge_update
@@ -220,9 +294,7 @@ class GNNLayer(torch.nn.Module):
         messages: torch.Tensor,
         edge_geometry: torch.Tensor,
         neighbor_species: torch.Tensor,
-        token_slots: torch.Tensor,
-        attention_bias: torch.Tensor,
-        n_tokens: int,
+        layout: "AttentionLayout",
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         :param nodes: ``(n_atoms, d_node)``
@@ -237,7 +309,7 @@ class GNNLayer(torch.nn.Module):
         parts.append(messages)
         edges = self.compress(torch.cat(parts, dim=1))
         for layer in self.attention_layers:
-            nodes, edges = layer(nodes, edges, token_slots, attention_bias, n_tokens)
+            nodes, edges = layer(nodes, edges, layout)
         return nodes, edges
 
 
@@ -256,6 +328,7 @@ class PET(torch.nn.Module):
         self.d_pet = int(hypers["d_pet"])
         self.d_node = int(hypers["d_node"])
         self.num_gnn_layers = int(hypers["num_gnn_layers"])
+        self.max_groups = 4
         self.node_embedding = torch.nn.Embedding(n_species, self.d_node)
         self.message_embedding = torch.nn.Embedding(n_species, self.d_pet)
         self.gnn_layers = torch.nn.ModuleList(
@@ -298,25 +371,9 @@ class PET(torch.nn.Module):
         fc = cutoff_function(distances, self.cutoff, self.cutoff_width)
         edge_geometry = torch.cat([edge_vectors, distances.unsqueeze(1)], dim=1)
 
-        slot, counts, max_neighbors = padded_layout(centers, n_atoms)
-        n_tokens = max_neighbors + 1
-        # token grid: column 0 is the atom itself, columns 1.. its neighbors
-        node_slots = torch.arange(n_atoms, device=species.device) * n_tokens
-        edge_slots = slot + centers + 1  # center * n_tokens + rank + 1
-        token_slots = torch.cat([node_slots, edge_slots])
         # fc > 0 for every pair inside the cutoff; the clamp only guards underflow
         log_fc = torch.log(fc.clamp(min=1e-30))
-        bias = torch.full(
-            (n_atoms * n_tokens,),
-            -math.inf,
-            dtype=edge_vectors.dtype,
-            device=species.device,
-        )
-        bias = bias.index_put(
-            (node_slots,), torch.zeros_like(node_slots, dtype=bias.dtype)
-        )
-        bias = bias.index_put((edge_slots,), log_fc)
-        attention_bias = bias.view(n_atoms, 1, 1, n_tokens)
+        layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
 
         neighbor_species = species.index_select(0, neighbors)
         nodes = self.node_embedding(species)
@@ -329,9 +386,7 @@ class PET(torch.nn.Module):
                 messages,
                 edge_geometry,
                 neighbor_species,
-                token_slots,
-                attention_bias,
-                n_tokens,
+                layout,
             )
             reversed_edges = edges.index_select(0, reverse)
             messages = (
