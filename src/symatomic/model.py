@@ -410,10 +410,13 @@ class SymatomicModel(torch.nn.Module):
         Baselines: per-species contributions to invariant (λ=0, σ=+1) blocks, by least
         squares over structures (per-structure targets) or per-species means
         (per-atom targets). Scales: root mean square of the residual per atom and per
-        component, for every property.
+        component, for every property; for energies with forces, at least the root
+        mean square force component (times one length unit).
 
         :param structures: training structures (:class:`symatomic.data.Structure`)
-        :return: target name → scales of its properties (for logging)
+        :return: target name → root mean square residual of every flattened output
+            component (without the adjustment to forces): the natural unit of errors,
+            used to normalise the loss
         """
         n_species = len(self.atomic_types)
         index = {t: i for i, t in enumerate(self.atomic_types)}
@@ -422,6 +425,7 @@ class SymatomicModel(torch.nn.Module):
             readout = self.readouts[name]
             baseline = torch.zeros_like(readout.baseline, dtype=torch.float64)
             scale = torch.ones_like(readout.scale, dtype=torch.float64)
+            natural = torch.ones_like(readout.scale, dtype=torch.float64)
             start = 0
             for block_index, block in enumerate(spec.blocks):
                 size = block.num_components * block.num_properties
@@ -466,6 +470,14 @@ class SymatomicModel(torch.nn.Module):
                         -1, block.num_components, block.num_properties
                     ).mean(dim=(0, 1))
                 block_scale = torch.sqrt(mean_square)
+                block_scale[block_scale == 0] = 1.0
+                natural[start : start + size] = block_scale.repeat(block.num_components)
+                if spec.is_energy and all(name in s.forces for s in structures):
+                    # forces are derivatives of the scaled output: a scale below
+                    # the force magnitude (per length unit) makes them slow to learn
+                    forces = torch.cat([s.forces[name].reshape(-1) for s in structures])
+                    force_scale = torch.sqrt((forces**2).mean())
+                    block_scale = torch.maximum(block_scale, force_scale)
                 block_scale[
                     ~(block_scale > 1e-12 * max(float(block_scale.max()), 1e-300))
                 ] = 1.0
@@ -475,7 +487,7 @@ class SymatomicModel(torch.nn.Module):
                 start += size
             readout.baseline.copy_(baseline.to(readout.baseline.dtype))
             readout.scale.copy_(scale.to(readout.scale.dtype))
-            report[name] = scale.tolist()
+            report[name] = natural.tolist()
         return report
 
     # ------------------------------------------------------------------ export

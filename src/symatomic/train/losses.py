@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -113,13 +113,16 @@ def loss_terms(
     predictions: Tuple[
         Dict[str, List[torch.Tensor]], Dict[str, torch.Tensor], Dict[str, torch.Tensor]
     ],
-    gradient_scales: Dict[str, float],
+    loss_scales: Dict[str, Any],
 ) -> LossTerms:
     """Squared residuals normalised to unit variance.
 
-    A block's residual is divided by the target's scale (per property); per-structure
-    residuals also by ``sqrt(n_atoms)`` (the scale is a per-atom one). Forces and
-    stress are divided by their root mean square over the training set.
+    A block's residual is divided by ``loss_scales[name]`` (the output scales of the
+    model: root mean square residual per atom of every component after the
+    composition baseline, at least the force scale for energies with forces, see
+    :meth:`SymatomicModel.fit_output_statistics`); per-structure residuals also by
+    ``sqrt(n_atoms)``. Forces and stress are divided by their root mean square over
+    the training set (``loss_scales[name + "/forces"]``, ``…/stress``).
 
     The loss of a term is ``sums[term] / counts[term]`` with counts summed over all
     ranks in distributed training.
@@ -129,7 +132,12 @@ def loss_terms(
     n_atoms = batch.n_atoms.to(batch.positions.dtype)
     for name, spec in specs.items():
         readout = model.readouts[name]
-        scales = readout.split_blocks(readout.scale.unsqueeze(0))
+        flat_scale = torch.tensor(
+            loss_scales[name],
+            dtype=batch.positions.dtype,
+            device=batch.positions.device,
+        )
+        scales = readout.split_blocks(flat_scale.unsqueeze(0))
         total = torch.zeros(
             (), dtype=batch.positions.dtype, device=batch.positions.device
         )
@@ -145,13 +153,13 @@ def loss_terms(
         terms.sums[name] = total
         terms.counts[name] = float(count)
         if name in forces and name in batch.forces:
-            residual = (forces[name] - batch.forces[name]) / gradient_scales[
+            residual = (forces[name] - batch.forces[name]) / loss_scales[
                 name + "/forces"
             ]
             terms.sums[name + "/forces"] = (residual**2).sum()
             terms.counts[name + "/forces"] = float(residual.numel())
         if name in stress and name in batch.stress:
-            residual = (stress[name] - batch.stress[name]) / gradient_scales[
+            residual = (stress[name] - batch.stress[name]) / loss_scales[
                 name + "/stress"
             ]
             terms.sums[name + "/stress"] = (residual**2).sum()
@@ -207,7 +215,7 @@ class ErrorAccumulator:
                 total_squared += float((difference**2).sum())
                 total_absolute += float(difference.abs().sum())
                 n_samples = max(n_samples, difference.shape[0])
-                if not spec.per_atom and len(spec.blocks) == 1:
+                if spec.is_energy and not spec.per_atom:
                     per_atom = difference / n_atoms.reshape(-1, 1, 1)
                     self._add(name + "/per_atom", per_atom, float(per_atom.numel()))
             if spec.kind == "cartesian":

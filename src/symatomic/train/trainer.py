@@ -87,7 +87,7 @@ def evaluate_structures(
     batch_size: int,
     context: Optional[DistributedContext] = None,
     weights: Optional[Dict[str, float]] = None,
-    gradient_scales: Optional[Dict[str, float]] = None,
+    loss_scales: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     """Errors of ``model`` on ``structures``.
 
@@ -111,7 +111,7 @@ def evaluate_structures(
         predictions = predict_batch(model, batch, specs, with_gradients=True)
         accumulator.update(batch, predictions)
         if weights is not None:
-            terms = loss_terms(model, batch, specs, predictions, gradient_scales or {})
+            terms = loss_terms(model, batch, specs, predictions, loss_scales or {})
             for i, key in enumerate(keys):
                 if key in terms.sums:
                     sums[i] += float(terms.sums[key].detach())
@@ -185,11 +185,11 @@ class Trainer:
             architecture["model"], data.atomic_types, data.targets, data.length_unit
         )
         self.model.to(dtype=self.dtype)
-        scales = self.model.fit_output_statistics(data.train)
+        self.target_scales = self.model.fit_output_statistics(data.train)
         self.model.to(device=self.device)
-        for name, values in scales.items():
+        for name, values in self.target_scales.items():
             self._log(
-                "target '%s': scale %s %s",
+                "target '%s': residual RMS per atom after the baseline %s %s",
                 name,
                 np.array2string(np.unique(np.round(values, 6))[:6], precision=4),
                 data.targets[name].unit,
@@ -258,11 +258,16 @@ class Trainer:
             model.interaction_range,
             data.length_unit,
         )
-        gradient_scales = (
-            checkpoint["gradient_scales"]
-            if checkpoint is not None
-            else _gradient_scales(data.train, specs)
-        )
+        if checkpoint is not None:
+            loss_scales = checkpoint["loss_scales"]
+        else:
+            # residuals are measured in units of the output scales of the model
+            # (for energies with forces, the force scale: forces then dominate,
+            # as with the usual force-weighted losses)
+            loss_scales = {
+                name: readout.scale.tolist() for name, readout in model.readouts.items()
+            }
+            loss_scales.update(_gradient_scales(data.train, specs))
 
         hypers = self.hypers
         optimizer = torch.optim.AdamW(
@@ -342,7 +347,7 @@ class Trainer:
                     step,
                     optimizer,
                     weights,
-                    gradient_scales,
+                    loss_scales,
                     train_with_gradients,
                     train_errors,
                 )
@@ -370,7 +375,7 @@ class Trainer:
                     batch_size,
                     self.context,
                     weights,
-                    gradient_scales,
+                    loss_scales,
                 )
                 record.update({"val:" + k: v for k, v in errors.items()})
                 metric = errors["loss"]
@@ -399,7 +404,7 @@ class Trainer:
                 "optimizer_state_dict": optimizer.state_dict(),
                 "scheduler_state_dict": scheduler.state_dict(),
                 "epoch": epoch,
-                "gradient_scales": gradient_scales,
+                "loss_scales": loss_scales,
                 "options": self.options,
                 "split_indices": data.indices,
                 "history": history,
@@ -455,7 +460,7 @@ class Trainer:
         step: int,
         optimizer: torch.optim.Optimizer,
         weights: Dict[str, float],
-        gradient_scales: Dict[str, float],
+        loss_scales: Dict[str, Any],
         with_gradients: bool,
         errors: ErrorAccumulator,
     ) -> float:
@@ -491,7 +496,7 @@ class Trainer:
             predictions = predict_batch(
                 model, batch, specs, with_gradients=with_gradients, create_graph=True
             )
-            terms = loss_terms(model, batch, specs, predictions, gradient_scales)
+            terms = loss_terms(model, batch, specs, predictions, loss_scales)
             errors.update(batch, predictions)
         else:
             terms = None
