@@ -274,7 +274,6 @@ class SymatomicModel(torch.nn.Module):
         if len(systems) == 0:
             raise ValueError("no systems given")
         device = systems[0].positions.device
-        positions: List[torch.Tensor] = []
         types: List[torch.Tensor] = []
         system_index: List[torch.Tensor] = []
         centers: List[torch.Tensor] = []
@@ -284,7 +283,6 @@ class SymatomicModel(torch.nn.Module):
         offset = 0
         for index, system in enumerate(systems):
             n_atoms = system.positions.shape[0]
-            positions.append(system.positions)
             types.append(system.types)
             system_index.append(
                 torch.full((n_atoms,), index, dtype=torch.long, device=device)
@@ -324,27 +322,23 @@ class SymatomicModel(torch.nn.Module):
             species, all_vectors, all_centers, all_neighbors, reverse, names
         )
 
-        atom_in_system = torch.arange(n_total, device=device) - torch.cat(
+        # first atom of every system, and index of every atom in its system
+        starts = torch.cat(
             [
                 torch.zeros(1, dtype=torch.long, device=device),
                 torch.cumsum(
                     torch.bincount(all_system_index, minlength=len(systems)), 0
-                )[:-1],
+                ),
             ]
-        ).index_select(0, all_system_index)
+        )
+        atom_in_system = torch.arange(n_total, device=device) - starts.index_select(
+            0, all_system_index
+        )
         selected = torch.ones(n_total, dtype=torch.bool, device=device)
         if selected_atoms is not None:
             selected = torch.zeros(n_total, dtype=torch.bool, device=device)
             system_column = selected_atoms.column("system").to(torch.long)
             atom_column = selected_atoms.column("atom").to(torch.long)
-            starts = torch.cat(
-                [
-                    torch.zeros(1, dtype=torch.long, device=device),
-                    torch.cumsum(
-                        torch.bincount(all_system_index, minlength=len(systems)), 0
-                    ),
-                ]
-            )
             selected[starts.index_select(0, system_column) + atom_column] = True
 
         result: Dict[str, TensorMap] = {}
@@ -414,9 +408,8 @@ class SymatomicModel(torch.nn.Module):
         mean square force component (times one length unit).
 
         :param structures: training structures (:class:`symatomic.data.Structure`)
-        :return: target name → root mean square residual of every flattened output
-            component (without the adjustment to forces): the natural unit of errors,
-            used to normalise the loss
+        :return: target name → root mean square residual per atom of every flattened
+            output component (without the adjustment to forces), for logging
         """
         n_species = len(self.atomic_types)
         index = {t: i for i, t in enumerate(self.atomic_types)}

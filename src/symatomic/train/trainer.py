@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from metatomic.torch.o3 import random_transformations
 from tqdm import tqdm
 
 from ..data.batch import collate, random_o3_augmentation
@@ -475,8 +476,6 @@ class Trainer:
         # draw the rotations of the whole global batch, keep this rank's
         matrices = None
         if self.hypers["augmentation"]:
-            from metatomic.torch.o3 import random_transformations
-
             matrices = random_transformations(
                 len(global_chunk),
                 0,
@@ -485,7 +484,6 @@ class Trainer:
                 add_inversions=True,
                 generator=generator,
             ).matrices
-        counts_keys: List[str] = []
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         if local:
             batch = collate(
