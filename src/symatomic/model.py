@@ -29,9 +29,11 @@ from metatomic.torch import (
 )
 
 from .data.targets import TargetSpec
+from .ecse import check_ecse_options
 from .heads import DirectHead
 from .neighbors import reverse_pair_index, sort_pairs
-from .pet import PET, check_pet_hypers
+from .o3 import WignerD
+from .pet import PET, PETFeatures, check_pet_hypers
 
 __all__ = ["SymatomicModel", "check_model_hypers"]
 
@@ -39,8 +41,16 @@ __all__ = ["SymatomicModel", "check_model_hypers"]
 def check_model_hypers(
     hypers: Dict[str, Any], where: str = "architecture.model"
 ) -> Dict[str, Any]:
-    """Validate the ``architecture.model`` section and fill its defaults."""
-    return check_pet_hypers(dict(hypers), where)
+    """Validate the ``architecture.model`` section and fill its defaults.
+
+    Everything but ``ecse`` are PET hyper-parameters; ``ecse`` selects the exact
+    symmetrization (:func:`symatomic.ecse.check_ecse_options`).
+    """
+    hypers = dict(hypers)
+    ecse = check_ecse_options(hypers.pop("ecse", None), where + ".ecse")
+    result = check_pet_hypers(hypers, where)
+    result["ecse"] = ecse
+    return result
 
 
 class TargetReadout(torch.nn.Module):
@@ -63,6 +73,8 @@ class TargetReadout(torch.nn.Module):
         self.block_atom_types: List[int] = [
             -1 if b.atom_type is None else int(b.atom_type) for b in spec.blocks
         ]
+        self.block_lambdas: List[int] = [b.o3_lambda for b in spec.blocks]
+        self.block_sigmas: List[int] = [b.o3_sigma for b in spec.blocks]
         n_flat = sum(self.block_sizes)
         self.head = DirectHead(
             int(hypers["d_node"]), int(hypers["d_pet"]), int(hypers["d_head"]), n_flat
@@ -72,14 +84,46 @@ class TargetReadout(torch.nn.Module):
 
     def forward(
         self,
-        nodes: torch.Tensor,
-        edges: torch.Tensor,
-        fc: torch.Tensor,
-        centers: torch.Tensor,
+        features: PETFeatures,
         species: torch.Tensor,
+        wigner: List[torch.Tensor],
+        improper: torch.Tensor,
     ) -> torch.Tensor:
-        """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit."""
-        raw = self.head(nodes, edges, fc, centers)
+        """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit.
+
+        With ECSE, the head runs on every frame's features; block ``(λ, σ)`` of
+        each frame is rotated back with ``D^λ`` of the frame (times ``σ (-1)^λ``
+        for mirrored frames) and averaged with the frame weights; the invariant
+        fallback only contributes to proper scalars.
+
+        :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
+        :param improper: ``(n_owners,)`` whether each owner's frame is improper
+        """
+        raw = self.head(
+            features.nodes, features.edges, features.fc, features.edge_owners
+        )
+        if features.symmetrized:
+            blocks = self.split_blocks(raw)
+            rotated: List[torch.Tensor] = []
+            for block, o3_lambda, o3_sigma in zip(
+                blocks, self.block_lambdas, self.block_sigmas
+            ):
+                if o3_lambda > 0:
+                    block = torch.matmul(wigner[o3_lambda], block)
+                parity = o3_sigma * (1 - 2 * (o3_lambda % 2))
+                if parity != 1:
+                    block = torch.where(improper.reshape(-1, 1, 1), -block, block)
+                if o3_lambda != 0 or o3_sigma != 1:
+                    block = torch.where(
+                        features.is_aux.reshape(-1, 1, 1),
+                        torch.zeros_like(block),
+                        block,
+                    )
+                rotated.append(block.reshape(block.shape[0], -1))
+            raw = torch.cat(rotated, dim=1) * features.owner_weights.unsqueeze(1)
+            raw = torch.zeros(
+                species.shape[0], raw.shape[1], dtype=raw.dtype, device=raw.device
+            ).index_add(0, features.owner_atoms, raw)
         return raw * self.scale + self.baseline.index_select(0, species)
 
     def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -133,7 +177,17 @@ class SymatomicModel(torch.nn.Module):
             type_to_index[atomic_type] = index
         self.register_buffer("type_to_index", type_to_index)
 
-        self.backbone = PET(self.hypers, len(self.atomic_types))
+        pet_hypers = {k: v for k, v in self.hypers.items() if k != "ecse"}
+        ecse = self.hypers["ecse"]
+        self.backbone = PET(
+            pet_hypers,
+            len(self.atomic_types),
+            ecse=ecse if ecse["mode"] == "local" else None,
+        )
+        max_lambda = max(
+            [b.o3_lambda for s in targets.values() for b in s.blocks] + [0]
+        )
+        self.wigner = WignerD(max_lambda)
         self.readouts = torch.nn.ModuleDict(
             {
                 name: TargetReadout(spec, len(self.atomic_types), self.hypers)
@@ -195,13 +249,18 @@ class SymatomicModel(torch.nn.Module):
         :param names: targets to compute
         :return: name → ``(n_atoms, n_flat)`` in the target's unit
         """
-        nodes, edges, fc = self.backbone(
-            species, edge_vectors, centers, neighbors, reverse
-        )
+        features = self.backbone(species, edge_vectors, centers, neighbors, reverse)
+        wigner: List[torch.Tensor] = []
+        improper = torch.zeros(0, dtype=torch.bool, device=species.device)
+        if features.symmetrized:
+            determinant = torch.linalg.det(features.rotations.detach())
+            improper = determinant < 0
+            sign = torch.where(improper, -1.0, 1.0).to(features.rotations.dtype)
+            wigner = self.wigner(features.rotations * sign.reshape(-1, 1, 1))
         result: Dict[str, torch.Tensor] = {}
         for name, readout in self.readouts.items():
             if name in names:
-                result[name] = readout(nodes, edges, fc, centers, species)
+                result[name] = readout(features, species, wigner, improper)
         return result
 
     def predict(

@@ -277,3 +277,57 @@ def _build_decomposition(rank: int, symmetric: bool) -> List[CartesianBlock]:
         CartesianBlock(o3_lambda=lam, o3_sigma=sig, basis=basis.copy())
         for lam, sig, basis in _build_decomposition_cached(rank, symmetric)
     ]
+
+
+class WignerD(torch.nn.Module):
+    """Real Wigner-D matrices of rotation matrices, differentiable and scriptable.
+
+    ``D^λ(R)`` is the matrix with ``Y^λ(R r) = D^λ(R) Y^λ(r)`` for the real spherical
+    harmonics of :mod:`sphericart` (the convention of metatomic: this is tested
+    against :class:`metatomic.torch.o3.O3Transformations`). It is obtained exactly
+    by least squares from the harmonics of a fixed set of rotated points, so it is
+    differentiable (twice) with respect to the rotation, as needed when rotations
+    depend on atomic positions (ECSE frames).
+
+    :param max_lambda: largest ``o3_lambda``
+    """
+
+    def __init__(self, max_lambda: int):
+        super().__init__()
+        import sphericart.torch
+
+        self.max_lambda = int(max_lambda)
+        self.harmonics = sphericart.torch.SphericalHarmonics(self.max_lambda)
+        n_points = 3 * (2 * self.max_lambda + 1)
+        generator = torch.Generator().manual_seed(20251125)
+        points = torch.randn(n_points, 3, dtype=torch.float64, generator=generator)
+        points = points / torch.linalg.vector_norm(points, dim=1, keepdim=True)
+        values = self.harmonics(points)
+        projectors = []
+        for o3_lambda in range(self.max_lambda + 1):
+            block = values[:, o3_lambda * o3_lambda : (o3_lambda + 1) ** 2]
+            # D = Y(R X)^T @ pinv(Y(X))^T
+            projectors.append(torch.linalg.pinv(block).T)
+        self.register_buffer("points", points)
+        # (n_points, (max_lambda + 1)^2), the λ blocks side by side
+        self.register_buffer("projectors", torch.cat(projectors, dim=1).contiguous())
+
+    def forward(self, rotations: torch.Tensor) -> List[torch.Tensor]:
+        """
+        :param rotations: ``(n, 3, 3)`` proper rotation matrices
+        :return: ``max_lambda + 1`` tensors ``(n, 2λ+1, 2λ+1)``
+        """
+        n = rotations.shape[0]
+        points = self.points.to(rotations.dtype)
+        rotated = torch.matmul(rotations.unsqueeze(1), points.unsqueeze(-1)).squeeze(-1)
+        values = self.harmonics(rotated.reshape(-1, 3)).reshape(n, points.shape[0], -1)
+        projectors = self.projectors.to(values.dtype)
+        result: List[torch.Tensor] = []
+        for o3_lambda in range(self.max_lambda + 1):
+            start = o3_lambda * o3_lambda
+            stop = (o3_lambda + 1) * (o3_lambda + 1)
+            block = values[:, :, start:stop]
+            result.append(
+                torch.matmul(block.transpose(1, 2), projectors[:, start:stop])
+            )
+        return result

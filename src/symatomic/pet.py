@@ -16,10 +16,11 @@ PET sees Cartesian components: it is not rotationally invariant by itself.
 """
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .ecse import ECSE_DEFAULTS, ECSEFrames
 from .smooth import cutoff_function
 
 __all__ = ["PET", "PET_DEFAULT_HYPERS", "check_pet_hypers", "count_parameters"]
@@ -186,20 +187,28 @@ def _norm(kind: str, dim: int) -> torch.nn.Module:
 
 
 class FeedForward(torch.nn.Module):
-    """Two-layer perceptron, ``(…, d_in) → (…, d_in)``, SwiGLU or SiLU."""
+    """Two-layer perceptron, ``(…, d_in) → (…, d_in)``, SwiGLU or SiLU.
+
+    SwiGLU uses separate value and gate maps (rather than one map split in two),
+    which avoids concatenating their gradients in the backward pass.
+    """
 
     def __init__(self, d_in: int, d_hidden: int, activation: str):
         super().__init__()
         self.gated = activation == "SwiGLU"
-        self.w_in = torch.nn.Linear(d_in, 2 * d_hidden if self.gated else d_hidden)
+        self.w_in = torch.nn.Linear(d_in, d_hidden)
+        self.w_gate = torch.nn.ModuleList(
+            [torch.nn.Linear(d_in, d_hidden)] if self.gated else []
+        )
         self.w_out = torch.nn.Linear(d_hidden, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
-        if self.gated:
-            value, gate = h.chunk(2, dim=-1)
-            h = value * torch.nn.functional.silu(gate)
-        else:
+        gated = False
+        for gate in self.w_gate:
+            h = h * torch.nn.functional.silu(gate(x))
+            gated = True
+        if not gated:
             h = torch.nn.functional.silu(h)
         return self.w_out(h)
 
@@ -313,14 +322,67 @@ class GNNLayer(torch.nn.Module):
         return nodes, edges
 
 
+class PETFeatures:
+    """Features PET hands to the heads.
+
+    Without ECSE every atom "owns" its features. With ECSE (local mode) the owners
+    are the frames of every atom (and the fallback of degenerate environments):
+    heads run on every owner, in the owner's frame, and their outputs are rotated
+    back and averaged with the owner weights.
+
+    :param nodes: ``(n_owners, d_node)``
+    :param edges: ``(n_owner_pairs, d_pet)``
+    :param fc: ``(n_owner_pairs,)`` cutoff factors
+    :param edge_owners: ``(n_owner_pairs,)`` owner of every pair row (sorted)
+    :param owner_atoms: ``(n_owners,)`` atom of every owner
+    :param owner_weights: ``(n_owners,)`` weights, summing to 1 over an atom's owners
+    :param rotations: ``(n_owners, 3, 3)`` frames (columns ``e1, e2, e3``; improper
+        for mirrored frames, identity for the fallback)
+    :param is_aux: ``(n_owners,)`` whether an owner is the (invariant) fallback
+    :param symmetrized: whether ECSE is on
+    """
+
+    def __init__(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        edge_owners: torch.Tensor,
+        owner_atoms: torch.Tensor,
+        owner_weights: torch.Tensor,
+        rotations: torch.Tensor,
+        is_aux: torch.Tensor,
+        symmetrized: bool,
+    ):
+        self.nodes = nodes
+        self.edges = edges
+        self.fc = fc
+        self.edge_owners = edge_owners
+        self.owner_atoms = owner_atoms
+        self.owner_weights = owner_weights
+        self.rotations = rotations
+        self.is_aux = is_aux
+        self.symmetrized = symmetrized
+
+
 class PET(torch.nn.Module):
     """PET backbone: atom and pair features from pair vectors and species.
 
     :param hypers: PET hyper-parameters (see :data:`PET_DEFAULT_HYPERS`)
     :param n_species: number of atomic types
+    :param ecse: ``None``, or the options of local ECSE (see
+        :func:`symatomic.ecse.check_ecse_options`): every atom's transformer is then
+        evaluated in each of the atom's frames (and their mirror images, for O(3))
+        and averaged with the frame weights, so that all features are exactly
+        invariant and the model stays local
     """
 
-    def __init__(self, hypers: Dict[str, Any], n_species: int):
+    def __init__(
+        self,
+        hypers: Dict[str, Any],
+        n_species: int,
+        ecse: Optional[Dict[str, Any]] = None,
+    ):
         super().__init__()
         hypers = check_pet_hypers(hypers)
         self.cutoff = float(hypers["cutoff"])
@@ -347,6 +409,13 @@ class PET(torch.nn.Module):
                 for _ in range(self.num_gnn_layers)
             ]
         )
+        self.symmetrized = ecse is not None
+        self.inversion = bool(ecse["inversion"]) if ecse is not None else False
+        self.frames = ECSEFrames(
+            self.cutoff,
+            **({} if ecse is None else {k: ecse[k] for k in ECSE_DEFAULTS}),
+        )
+        self.register_buffer("mirror", torch.diag(torch.tensor([1.0, -1.0, 1.0])))
 
     def forward(
         self,
@@ -355,7 +424,7 @@ class PET(torch.nn.Module):
         centers: torch.Tensor,
         neighbors: torch.Tensor,
         reverse: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> PETFeatures:
         """
         :param species: ``(n_atoms,)`` int64 species index
         :param edge_vectors: ``(n_pairs, 3)`` pair vectors, pairs sorted by center and
@@ -363,36 +432,180 @@ class PET(torch.nn.Module):
         :param centers: ``(n_pairs,)`` int64
         :param neighbors: ``(n_pairs,)`` int64
         :param reverse: ``(n_pairs,)`` int64 index of the reverse pair
-        :return: ``(nodes, edges, fc)``: node features ``(n_atoms, d_node)``, edge
-            features ``(n_pairs, d_pet)`` and the cutoff factors ``(n_pairs,)``
+        :return: the features of every atom (or of every frame, with ECSE)
         """
         n_atoms = species.shape[0]
         distances = torch.sqrt((edge_vectors * edge_vectors).sum(dim=1) + 1e-30)
         fc = cutoff_function(distances, self.cutoff, self.cutoff_width)
-        edge_geometry = torch.cat([edge_vectors, distances.unsqueeze(1)], dim=1)
-
         # fc > 0 for every pair inside the cutoff; the clamp only guards underflow
         log_fc = torch.log(fc.clamp(min=1e-30))
-        layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
-
         neighbor_species = species.index_select(0, neighbors)
         nodes = self.node_embedding(species)
         messages = self.message_embedding(neighbor_species)
+        if self.symmetrized:
+            return self._forward_ecse(
+                nodes,
+                messages,
+                edge_vectors,
+                distances,
+                fc,
+                log_fc,
+                neighbor_species,
+                centers,
+                reverse,
+            )
+
+        edge_geometry = torch.cat([edge_vectors, distances.unsqueeze(1)], dim=1)
+        layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
         ):
             nodes, edges = gnn_layer(
-                nodes,
-                messages,
-                edge_geometry,
-                neighbor_species,
-                layout,
+                nodes, messages, edge_geometry, neighbor_species, layout
             )
             reversed_edges = edges.index_select(0, reverse)
             messages = (
                 messages + edges + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
             )
-        return nodes, messages, fc
+        atoms = torch.arange(n_atoms, device=species.device)
+        return PETFeatures(
+            nodes,
+            messages,
+            fc,
+            centers,
+            atoms,
+            torch.ones(n_atoms, dtype=fc.dtype, device=fc.device),
+            torch.eye(3, dtype=fc.dtype, device=fc.device).expand(n_atoms, 3, 3),
+            torch.zeros(n_atoms, dtype=torch.bool, device=fc.device),
+            False,
+        )
+
+    def _forward_ecse(
+        self,
+        nodes: torch.Tensor,
+        messages: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        distances: torch.Tensor,
+        fc: torch.Tensor,
+        log_fc: torch.Tensor,
+        neighbor_species: torch.Tensor,
+        centers: torch.Tensor,
+        reverse: torch.Tensor,
+    ) -> PETFeatures:
+        n_atoms = nodes.shape[0]
+        device = nodes.device
+        dtype = edge_vectors.dtype
+        atoms = torch.arange(n_atoms, device=device)
+        frames = self.frames(centers, edge_vectors, n_atoms, atoms, n_atoms)
+
+        # owners: the frames (and their mirror images), then fallbacks
+        rotations = frames.rotations
+        weights = frames.weights
+        owner_atoms = frames.atoms
+        if self.inversion:
+            mirrored = torch.matmul(rotations, self.mirror.to(dtype))
+            rotations = torch.cat([rotations, mirrored])
+            weights = torch.cat([0.5 * weights, 0.5 * weights])
+            owner_atoms = torch.cat([owner_atoms, owner_atoms])
+        aux = torch.nonzero(frames.aux_weights > 0).squeeze(1)
+        n_frames = rotations.shape[0]
+        rotations = torch.cat(
+            [
+                rotations,
+                torch.eye(3, dtype=dtype, device=device).expand(aux.shape[0], 3, 3),
+            ]
+        )
+        weights = torch.cat([weights, frames.aux_weights.index_select(0, aux)])
+        owner_atoms = torch.cat([owner_atoms, aux])
+        is_aux = torch.arange(owner_atoms.shape[0], device=device) >= n_frames
+        # group the owners of every atom together (pairs of owners must be sorted)
+        order = torch.argsort(owner_atoms, stable=True)
+        rotations = rotations.index_select(0, order)
+        owner_atoms = owner_atoms.index_select(0, order)
+        is_aux = is_aux.index_select(0, order)
+        weights = weights.index_select(0, order) / frames.normalization.index_select(
+            0, owner_atoms
+        )
+        n_owners = owner_atoms.shape[0]
+
+        # pairs of every owner: the pairs of its atom
+        counts = torch.zeros(n_atoms, dtype=torch.long, device=device)
+        counts.index_add_(0, centers, torch.ones_like(centers))
+        first = torch.cumsum(counts, 0) - counts
+        owner_counts = counts.index_select(0, owner_atoms)
+        edge_owners = torch.repeat_interleave(
+            torch.arange(n_owners, device=device), owner_counts
+        )
+        owner_offsets = torch.cumsum(owner_counts, 0) - owner_counts
+        owner_edges = (
+            first.index_select(0, owner_atoms).index_select(0, edge_owners)
+            + torch.arange(edge_owners.shape[0], device=device)
+            - owner_offsets.index_select(0, edge_owners)
+        )
+
+        # local coordinates Fᵀ r (zero for the fallback, which sees distances only)
+        vectors = edge_vectors.index_select(0, owner_edges)
+        local = torch.matmul(
+            vectors.unsqueeze(1), rotations.index_select(0, edge_owners)
+        ).squeeze(1)
+        local = local * (~is_aux).to(dtype).index_select(0, edge_owners).unsqueeze(1)
+        geometry = torch.cat(
+            [local, distances.index_select(0, owner_edges).unsqueeze(1)], dim=1
+        )
+        layout = attention_layout(
+            edge_owners, log_fc.index_select(0, owner_edges), n_owners, self.max_groups
+        )
+        owner_species = neighbor_species.index_select(0, owner_edges)
+        edge_weights = weights.index_select(0, edge_owners).unsqueeze(1)
+
+        owner_nodes = nodes
+        owner_features = messages
+        n_pairs = messages.shape[0]
+        layer_index = 0
+        for gnn_layer, norm, mlp in zip(
+            self.gnn_layers, self.combination_norms, self.combination_mlps
+        ):
+            owner_messages = messages.index_select(0, owner_edges)
+            owner_nodes, owner_out = gnn_layer(
+                nodes.index_select(0, owner_atoms),
+                owner_messages,
+                geometry,
+                owner_species,
+                layout,
+            )
+            nodes = torch.zeros(
+                n_atoms, owner_nodes.shape[1], dtype=dtype, device=device
+            ).index_add(0, owner_atoms, weights.unsqueeze(1) * owner_nodes)
+            edges = torch.zeros(
+                n_pairs, owner_out.shape[1], dtype=dtype, device=device
+            ).index_add(0, owner_edges, edge_weights * owner_out)
+            reversed_edges = edges.index_select(0, reverse)
+            if layer_index == self.num_gnn_layers - 1:
+                # the heads see the features of every frame
+                owner_reversed = reversed_edges.index_select(0, owner_edges)
+                owner_features = (
+                    owner_messages
+                    + owner_out
+                    + mlp(norm(torch.cat([owner_out, owner_reversed], dim=1)))
+                )
+            else:
+                messages = (
+                    messages
+                    + edges
+                    + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+                )
+            layer_index += 1
+        return PETFeatures(
+            owner_nodes,
+            owner_features,
+            fc.index_select(0, owner_edges),
+            edge_owners,
+            owner_atoms,
+            weights,
+            rotations,
+            is_aux,
+            True,
+        )
 
 
 def count_parameters(module: torch.nn.Module) -> int:
