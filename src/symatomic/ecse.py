@@ -303,6 +303,7 @@ _ECSE_OPTION_TYPES = {
     "w": float,
     "delta_w": float,
     "max_outer_cutoff": float,
+    "frame_layers": int,
 }
 
 
@@ -313,10 +314,13 @@ def check_ecse_options(
 
     ``mode``: ``"none"`` (plain PET, trained with augmentation) or ``"local"``
     (frames applied inside PET, exactly O(3)-equivariant and local); ``inversion``:
-    also symmetrize over inversion (O(3) rather than SO(3)); the other options are
-    the parameters of :class:`ECSEFrames`.
+    also symmetrize over inversion (O(3) rather than SO(3)); ``frame_layers``: how
+    many attention layers (counted through all GNN layers) run in every frame, the
+    others seeing frame-averaged tokens and distances only (``null``: all, as needed
+    to symmetrize a PET trained without ECSE); the other options are the parameters
+    of :class:`ECSEFrames`.
     """
-    result: Dict[str, Any] = {"mode": "none", "inversion": True}
+    result: Dict[str, Any] = {"mode": "none", "inversion": True, "frame_layers": None}
     result.update(ECSE_DEFAULTS)
     if options is None:
         return result
@@ -333,6 +337,8 @@ def check_ecse_options(
                 f"{sorted(_ECSE_OPTION_TYPES)}"
             )
         expected = _ECSE_OPTION_TYPES[name]
+        if name == "frame_layers" and value is None:
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (

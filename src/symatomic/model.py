@@ -75,6 +75,7 @@ class TargetReadout(torch.nn.Module):
         ]
         self.block_lambdas: List[int] = [b.o3_lambda for b in spec.blocks]
         self.block_sigmas: List[int] = [b.o3_sigma for b in spec.blocks]
+        self.invariant = spec.is_invariant
         n_flat = sum(self.block_sizes)
         self.head = DirectHead(
             int(hypers["d_node"]), int(hypers["d_pet"]), int(hypers["d_head"]), n_flat
@@ -99,6 +100,19 @@ class TargetReadout(torch.nn.Module):
         :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
         :param improper: ``(n_owners,)`` whether each owner's frame is improper
         """
+        atom_nodes = features.atom_nodes
+        atom_edges = features.atom_edges
+        atom_fc = features.atom_fc
+        centers = features.centers
+        if (
+            self.invariant
+            and atom_nodes is not None
+            and atom_edges is not None
+            and atom_fc is not None
+            and centers is not None
+        ):
+            raw = self.head(atom_nodes, atom_edges, atom_fc, centers)
+            return raw * self.scale + self.baseline.index_select(0, species)
         raw = self.head(
             features.nodes, features.edges, features.fc, features.edge_owners
         )

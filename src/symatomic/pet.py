@@ -313,13 +313,22 @@ class GNNLayer(torch.nn.Module):
         :param neighbor_species: ``(n_pairs,)`` species index of the neighbors
         :return: updated nodes and the output edge tokens ``(n_pairs, d_pet)``
         """
-        hidden = self.geometry_input(edge_geometry) + self.message_input(messages)
-        for embedding in self.species_inputs:
-            hidden = hidden + embedding(neighbor_species)
-        edges = self.compress_output(torch.nn.functional.silu(hidden))
+        edges = self.embed(messages, edge_geometry, neighbor_species)
         for layer in self.attention_layers:
             nodes, edges = layer(nodes, edges, layout)
         return nodes, edges
+
+    def embed(
+        self,
+        messages: torch.Tensor,
+        edge_geometry: torch.Tensor,
+        neighbor_species: torch.Tensor,
+    ) -> torch.Tensor:
+        """The edge tokens ``(n_pairs, d_pet)`` entering the attention layers."""
+        hidden = self.geometry_input(edge_geometry) + self.message_input(messages)
+        for embedding in self.species_inputs:
+            hidden = hidden + embedding(neighbor_species)
+        return self.compress_output(torch.nn.functional.silu(hidden))
 
 
 class PETFeatures:
@@ -340,6 +349,11 @@ class PETFeatures:
         for mirrored frames, identity for the fallback)
     :param is_aux: ``(n_owners,)`` whether an owner is the (invariant) fallback
     :param symmetrized: whether ECSE is on
+    :param atom_nodes: ``(n_atoms, d_node)`` invariant features of the atoms, when
+        the last layers run outside the frames (heads of invariant targets use them)
+    :param atom_edges: ``(n_pairs, d_pet)``, likewise
+    :param fc: ``(n_pairs,)`` cutoff factors of the pairs
+    :param centers: ``(n_pairs,)`` centers of the pairs
     """
 
     def __init__(
@@ -353,7 +367,15 @@ class PETFeatures:
         rotations: torch.Tensor,
         is_aux: torch.Tensor,
         symmetrized: bool,
+        atom_nodes: Optional[torch.Tensor] = None,
+        atom_edges: Optional[torch.Tensor] = None,
+        atom_fc: Optional[torch.Tensor] = None,
+        centers: Optional[torch.Tensor] = None,
     ):
+        self.atom_nodes = atom_nodes
+        self.atom_edges = atom_edges
+        self.atom_fc = atom_fc
+        self.centers = centers
         self.nodes = nodes
         self.edges = edges
         self.fc = fc
@@ -411,6 +433,16 @@ class PET(torch.nn.Module):
         )
         self.symmetrized = ecse is not None
         self.inversion = bool(ecse["inversion"]) if ecse is not None else False
+        total_attention = self.num_gnn_layers * int(hypers["num_attention_layers"])
+        frame_layers = None if ecse is None else ecse.get("frame_layers")
+        self.frame_layers = (
+            total_attention if frame_layers is None else int(frame_layers)
+        )
+        if not 1 <= self.frame_layers <= total_attention:
+            raise ValueError(
+                f"ecse.frame_layers must be between 1 and {total_attention} (the "
+                f"number of attention layers), got {self.frame_layers}"
+            )
         self.frames = ECSEFrames(
             self.cutoff,
             **({} if ecse is None else {k: ecse[k] for k in ECSE_DEFAULTS}),
@@ -549,44 +581,79 @@ class PET(torch.nn.Module):
             vectors.unsqueeze(1), rotations.index_select(0, edge_owners)
         ).squeeze(1)
         local = local * (~is_aux).to(dtype).index_select(0, edge_owners).unsqueeze(1)
-        geometry = torch.cat(
+        owner_geometry = torch.cat(
             [local, distances.index_select(0, owner_edges).unsqueeze(1)], dim=1
         )
-        layout = attention_layout(
+        owner_layout = attention_layout(
             edge_owners, log_fc.index_select(0, owner_edges), n_owners, self.max_groups
         )
         owner_species = neighbor_species.index_select(0, owner_edges)
-        edge_weights = weights.index_select(0, edge_owners).unsqueeze(1)
-
-        owner_nodes = nodes
-        owner_features = messages
+        owner_weight_column = weights.unsqueeze(1)
+        edge_weight_column = weights.index_select(0, edge_owners).unsqueeze(1)
+        # after the frame layers, PET sees distances only: it is invariant by itself
+        invariant_geometry = torch.cat(
+            [torch.zeros_like(edge_vectors), distances.unsqueeze(1)], dim=1
+        )
+        atom_layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
         n_pairs = messages.shape[0]
-        layer_index = 0
+
+        in_frames = True
+        attention_index = 0
+        owner_nodes = nodes.index_select(0, owner_atoms)
+        owner_tokens = messages.index_select(0, owner_edges)
+        owner_messages = owner_tokens
+        edges = messages
+        owner_features = owner_tokens
+        last_gnn = self.num_gnn_layers - 1
+        gnn_index = 0
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
         ):
-            owner_messages = messages.index_select(0, owner_edges)
-            owner_nodes, owner_out = gnn_layer(
-                nodes.index_select(0, owner_atoms),
-                owner_messages,
-                geometry,
-                owner_species,
-                layout,
-            )
-            nodes = torch.zeros(
-                n_atoms, owner_nodes.shape[1], dtype=dtype, device=device
-            ).index_add(0, owner_atoms, weights.unsqueeze(1) * owner_nodes)
-            edges = torch.zeros(
-                n_pairs, owner_out.shape[1], dtype=dtype, device=device
-            ).index_add(0, owner_edges, edge_weights * owner_out)
+            if in_frames:
+                owner_messages = messages.index_select(0, owner_edges)
+                owner_nodes = nodes.index_select(0, owner_atoms)
+                owner_tokens = gnn_layer.embed(
+                    owner_messages, owner_geometry, owner_species
+                )
+            else:
+                edges = gnn_layer.embed(messages, invariant_geometry, neighbor_species)
+            for layer in gnn_layer.attention_layers:
+                if in_frames and attention_index >= self.frame_layers:
+                    # leave the frames: average over them, continue on atoms
+                    nodes = _average(
+                        owner_nodes, owner_atoms, owner_weight_column, n_atoms
+                    )
+                    edges = _average(
+                        owner_tokens, owner_edges, edge_weight_column, n_pairs
+                    )
+                    in_frames = False
+                if in_frames:
+                    owner_nodes, owner_tokens = layer(
+                        owner_nodes, owner_tokens, owner_layout
+                    )
+                else:
+                    nodes, edges = layer(nodes, edges, atom_layout)
+                attention_index += 1
+            if in_frames:
+                nodes = _average(owner_nodes, owner_atoms, owner_weight_column, n_atoms)
+                edges = _average(owner_tokens, owner_edges, edge_weight_column, n_pairs)
             reversed_edges = edges.index_select(0, reverse)
-            if layer_index == self.num_gnn_layers - 1:
+            if gnn_index == last_gnn and in_frames:
                 # the heads see the features of every frame
-                owner_reversed = reversed_edges.index_select(0, owner_edges)
                 owner_features = (
                     owner_messages
-                    + owner_out
-                    + mlp(norm(torch.cat([owner_out, owner_reversed], dim=1)))
+                    + owner_tokens
+                    + mlp(
+                        norm(
+                            torch.cat(
+                                [
+                                    owner_tokens,
+                                    reversed_edges.index_select(0, owner_edges),
+                                ],
+                                dim=1,
+                            )
+                        )
+                    )
                 )
             else:
                 messages = (
@@ -594,7 +661,17 @@ class PET(torch.nn.Module):
                     + edges
                     + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
                 )
-            layer_index += 1
+            gnn_index += 1
+        atom_nodes: Optional[torch.Tensor] = None
+        atom_edges: Optional[torch.Tensor] = None
+        if not in_frames:
+            # heads of covariant targets see the invariant features plus the last
+            # features computed in every frame (which carry the orientation);
+            # heads of invariant targets see the invariant features only
+            atom_nodes = nodes
+            atom_edges = messages
+            owner_nodes = nodes.index_select(0, owner_atoms) + owner_nodes
+            owner_features = messages.index_select(0, owner_edges) + owner_tokens
         return PETFeatures(
             owner_nodes,
             owner_features,
@@ -605,7 +682,21 @@ class PET(torch.nn.Module):
             rotations,
             is_aux,
             True,
+            atom_nodes,
+            atom_edges,
+            fc,
+            centers,
         )
+
+
+def _average(
+    values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Weighted sum of per-frame ``values`` into ``size`` rows (the weights of the
+    frames of every row sum to one)."""
+    return torch.zeros(
+        size, values.shape[1], dtype=values.dtype, device=values.device
+    ).index_add(0, index, weights * values)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
