@@ -90,29 +90,63 @@ def main() -> None:
     water = os.path.join(args.data, "water_dimer_1000.xyz")
     if os.path.exists(water):
         targets = {
-            "mtt::dipole": {"key": "mu", "unit": "e*Bohr", "type": {"cartesian": {"rank": 1}}},
+            "mtt::dipole": {
+                "key": "mu",
+                "unit": "e*Bohr",
+                "type": {"cartesian": {"rank": 1}},
+            },
             "mtt::polarizability": {
                 "key": "alpha",
                 "unit": "Bohr^3",
                 "type": {"cartesian": {"rank": 2}},
             },
         }
-        training = {"num_epochs": args.epochs_water, "batch_size": 16, "learning_rate": 5e-4}
-        options = options_for(water, targets, split(1000, 700, 100), copy.deepcopy(model), training)
+        training = {
+            "num_epochs": args.epochs_water,
+            "batch_size": 16,
+            "learning_rate": 5e-4,
+        }
+        options = options_for(
+            water, targets, split(1000, 700, 100), copy.deepcopy(model), training
+        )
         result, minutes = run("water", options)
         for key in ("mtt::dipole", "mtt::polarizability"):
-            rows.append(("water_dimer", key, result.test_errors[key], ANCHORS["water_dimer"][key], minutes))
+            rows.append(
+                (
+                    "water_dimer",
+                    key,
+                    result.test_errors[key],
+                    ANCHORS["water_dimer"][key],
+                    minutes,
+                )
+            )
 
     methane = os.path.join(args.data, "methane_100.xyz")
     if os.path.exists(methane):
         targets = {"energy": {"key": "energy", "unit": "eV"}}
-        training = {"num_epochs": args.epochs_methane, "batch_size": 8, "learning_rate": 5e-4}
-        options = options_for(methane, targets, split(100, 70, 10), copy.deepcopy(model), training)
+        training = {
+            "num_epochs": args.epochs_methane,
+            "batch_size": 8,
+            "learning_rate": 5e-4,
+        }
+        options = options_for(
+            methane, targets, split(100, 70, 10), copy.deepcopy(model), training
+        )
         result, minutes = run("methane", options)
         for key in ("energy/per_atom", "energy/forces"):
-            rows.append(("methane", key, result.test_errors[key], ANCHORS["methane"][key], minutes))
+            rows.append(
+                (
+                    "methane",
+                    key,
+                    result.test_errors[key],
+                    ANCHORS["methane"][key],
+                    minutes,
+                )
+            )
 
-    print(f"{'data set':14s} {'quantity':22s} {'test RMSE':>10s} {'metatrain PET':>14s} {'minutes':>8s}")
+    print(
+        f"{'data set':14s} {'quantity':22s} {'test RMSE':>10s} {'metatrain PET':>14s} {'minutes':>8s}"
+    )
     for data_set, key, value, anchor, minutes in rows:
         print(f"{data_set:14s} {key:22s} {value:10.4f} {anchor:14.4f} {minutes:8.1f}")
 

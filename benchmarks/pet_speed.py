@@ -56,7 +56,9 @@ def energy_and_forces(model, atoms):
     pbc = torch.tensor(atoms.pbc)
 
     def run():
-        positions = torch.tensor(atoms.positions, dtype=torch.float32, requires_grad=True)
+        positions = torch.tensor(
+            atoms.positions, dtype=torch.float32, requires_grad=True
+        )
         system = System(types=types, positions=positions, cell=cell, pbc=pbc)
         symatomic.io.add_neighbor_lists([system], model)
         energy = model([system], options, check_consistency=False)["energy"]
@@ -75,7 +77,10 @@ def main() -> None:
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}, {args.threads} threads, float32, energy+forces")
-    for name, atoms in [("Si 512 atoms", silicon_512()), ("water 648 atoms", water_box())]:
+    for name, atoms in [
+        ("Si 512 atoms", silicon_512()),
+        ("water 648 atoms", water_box()),
+    ]:
         types = sorted(set(atoms.numbers.tolist()))
         theirs, hypers = metatrain_pet(types)
         ours = symatomic_pet(types, hypers)

@@ -293,6 +293,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------- symmetrize
+
+
+def _symmetrize(args: argparse.Namespace) -> int:
+    import metatomic.torch
+
+    from .symmetrize import symmetrize_model
+    from .train import export_model
+
+    _setup_logging()
+    if not os.path.exists(args.model):
+        raise FileNotFoundError(f"model '{args.model}' does not exist")
+    if os.path.exists(args.output) and not args.force:
+        raise SystemExit(f"error: '{args.output}' exists; pass --force to replace it")
+    model = metatomic.torch.load_atomistic_model(args.model)
+    symmetrized = symmetrize_model(
+        model, inversion=not args.so3, cutoff=args.cutoff, max_lambda=args.max_lambda
+    )
+    export_model(symmetrized, args.output)
+    LOGGER.info(
+        "exactly %s-equivariant model (global ECSE, infinite interaction range) "
+        "written to %s",
+        "SO(3)" if args.so3 else "O(3)",
+        os.path.abspath(args.output),
+    )
+    return 0
+
+
 # -------------------------------------------------------------------------- main
 
 
@@ -342,6 +370,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-o", "--output", help="predictions file (.mts)")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.set_defaults(function=_eval)
+
+    symmetrize = commands.add_parser(
+        "symmetrize",
+        help="make any exported metatomic model exactly O(3)-equivariant (global ECSE)",
+    )
+    symmetrize.add_argument("model", help="exported .pt model")
+    symmetrize.add_argument("-o", "--output", default="model-ecse.pt")
+    symmetrize.add_argument("--so3", action="store_true", help="rotations only")
+    symmetrize.add_argument(
+        "--cutoff", type=float, help="neighbor cutoff of the frames (default: model's)"
+    )
+    symmetrize.add_argument(
+        "--max-lambda", type=int, default=6, help="largest o3_lambda of the outputs"
+    )
+    symmetrize.add_argument("--force", action="store_true", help="replace the output")
+    symmetrize.set_defaults(function=_symmetrize)
     return parser
 
 

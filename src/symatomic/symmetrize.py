@@ -72,6 +72,8 @@ class GlobalECSE(torch.nn.Module):
         ``max_outer_cutoff``), or 5
     :param inversion: symmetrize over O(3), not only SO(3)
     :param max_lambda: largest ``o3_lambda`` of the outputs
+    :param frame_options: parameters of :class:`symatomic.ecse.ECSEFrames`
+        (defaults: :data:`symatomic.ecse.ECSE_DEFAULTS`)
     """
 
     def __init__(
@@ -81,15 +83,13 @@ class GlobalECSE(torch.nn.Module):
         cutoff: Optional[float] = None,
         inversion: bool = True,
         max_lambda: int = 6,
-        beta: float = ECSE_DEFAULTS["beta"],
-        beta_weights: float = ECSE_DEFAULTS["beta_weights"],
-        delta_r: float = ECSE_DEFAULTS["delta_r"],
-        w: float = ECSE_DEFAULTS["w"],
-        delta_w: float = ECSE_DEFAULTS["delta_w"],
-        max_outer_cutoff: float = ECSE_DEFAULTS["max_outer_cutoff"],
+        frame_options: Optional[Dict[str, float]] = None,
     ):
         super().__init__()
         self.model = model
+        options = dict(ECSE_DEFAULTS)
+        options.update(frame_options or {})
+        max_outer_cutoff = float(options["max_outer_cutoff"])
         if cutoff is None:
             cutoffs = [
                 float(options.cutoff) for options in _requested_neighbor_lists(model)
@@ -99,9 +99,7 @@ class GlobalECSE(torch.nn.Module):
         self.nl_options = NeighborListOptions(
             cutoff=self.cutoff, full_list=True, strict=True
         )
-        self.frames = ECSEFrames(
-            self.cutoff, beta, beta_weights, delta_r, w, delta_w, max_outer_cutoff
-        )
+        self.frames = ECSEFrames(self.cutoff, **options)
         self.inversion = bool(inversion)
         self.wigner = WignerD(max_lambda)
         self.max_lambda = int(max_lambda)
@@ -310,7 +308,9 @@ def _average_block(
     samples[:, 0] = copy_index.index_select(0, sample_copy).to(samples.dtype)
     unique, inverse = torch.unique(samples, dim=0, return_inverse=True)
     summed = torch.zeros(
-        [unique.shape[0]] + values.shape[1:], dtype=values.dtype, device=values.device
+        [unique.shape[0]] + list(values.shape[1:]),
+        dtype=values.dtype,
+        device=values.device,
     ).index_add(0, inverse, values)
     return TensorBlock(
         values=summed,

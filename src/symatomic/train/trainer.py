@@ -554,9 +554,10 @@ def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
     return keys
 
 
-def export_model(model: SymatomicModel, path: str) -> None:
-    """Export to a metatomic ``.pt`` file, written atomically."""
-    exported = model.export()
+def export_model(model: Any, path: str) -> None:
+    """Export a :class:`SymatomicModel` (or save an :class:`AtomisticModel`) to a
+    metatomic ``.pt`` file, written atomically."""
+    exported = model.export() if isinstance(model, SymatomicModel) else model
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")

@@ -1,0 +1,376 @@
+"""ECSE: exact O(3) equivariance (local and global), smoothness, degenerate inputs,
+locality. Everything in float64 with fresh random rotations, inversions and
+permutations."""
+
+import ase
+import numpy as np
+import pytest
+import torch
+from metatomic.torch.o3 import random_transformations
+
+import symatomic.io
+from conftest import TINY_MODEL
+from symatomic.data import compute_neighbors, structure_from_atoms
+from symatomic.data.batch import collate
+from symatomic.data.targets import parse_target_options
+from symatomic.ecse import ECSEFrames, check_ecse_options
+from symatomic.model import SymatomicModel
+from symatomic.neighbors import pair_vectors
+from symatomic.symmetrize import symmetrize_model
+from symatomic.train.losses import predict_batch
+
+IRREPS = [{"o3_lambda": lam, "o3_sigma": s} for lam in range(5) for s in (1, -1)]
+TYPES = [1, 6, 8]
+
+
+def _specs(stress=False):
+    energy = parse_target_options("energy", {"unit": "eV"}, "x")
+    if stress:
+        energy.stress = energy.forces
+    return {
+        "energy": energy,
+        "mtt::tensor": parse_target_options(
+            "mtt::tensor", {"type": {"spherical": {"irreps": IRREPS}}}, "x"
+        ),
+        "mtt::atomic": parse_target_options(
+            "mtt::atomic",
+            {"sample_kind": "atom", "type": {"spherical": {"irreps": IRREPS}}},
+            "x",
+        ),
+    }
+
+
+def _model(ecse, stress=False, seed=0):
+    torch.manual_seed(seed)
+    hypers = dict(TINY_MODEL)
+    hypers["ecse"] = ecse
+    model = SymatomicModel(hypers, TYPES, _specs(stress)).to(torch.float64).eval()
+    return model
+
+
+def _random_molecule(rng, n_atoms=8):
+    positions = []
+    while len(positions) < n_atoms:
+        candidate = rng.normal(scale=1.2, size=3)
+        if all(np.linalg.norm(candidate - p) > 0.8 for p in positions):
+            positions.append(candidate)
+    return ase.Atoms(numbers=rng.choice(TYPES, n_atoms), positions=np.array(positions))
+
+
+def _random_crystal(rng):
+    cell = np.eye(3) * 3.6 + rng.normal(scale=0.2, size=(3, 3))
+    return ase.Atoms(
+        numbers=rng.choice(TYPES, 5),
+        scaled_positions=rng.uniform(size=(5, 3)),
+        cell=cell,
+        pbc=True,
+    )
+
+
+def _predict(model, atoms, specs):
+    structure = structure_from_atoms(atoms, "test")
+    compute_neighbors(structure, model.cutoff)
+    batch = collate([structure], torch.float64)
+    return predict_batch(model, batch, specs)
+
+
+def _transform(atoms, rotation, permutation):
+    result = atoms.copy()
+    result.positions = atoms.positions @ rotation.T
+    if atoms.pbc.any():
+        result.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+    return result[permutation]
+
+
+def _random_operation(seed, improper):
+    generator = torch.Generator().manual_seed(seed)
+    transformation = random_transformations(
+        1, 4, device=torch.device("cpu"), dtype=torch.float64, generator=generator
+    )
+    rotation = transformation.matrices[0]
+    if improper:
+        rotation = -rotation
+    wigner = [transformation.wigner_D_matrices(lam)[0] for lam in range(5)]
+    return rotation, wigner
+
+
+def _relative(a, b):
+    a, b = a.detach(), b.detach()
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
+    return float((a - b).abs().max()) / scale
+
+
+def _check_equivariance(predict, atoms, specs, seed, improper, periodic):
+    rng = np.random.default_rng(seed)
+    rotation, wigner = _random_operation(seed, improper)
+    permutation = rng.permutation(len(atoms))
+    blocks, forces, stress = predict(atoms)
+    new_blocks, new_forces, new_stress = predict(
+        _transform(atoms, rotation.numpy(), permutation)
+    )
+    errors = {}
+    errors["energy"] = _relative(blocks["energy"][0], new_blocks["energy"][0])
+    errors["forces"] = _relative(
+        (forces["energy"] @ rotation.T)[permutation], new_forces["energy"]
+    )
+    if periodic:
+        errors["stress"] = _relative(
+            rotation @ stress["energy"][0] @ rotation.T, new_stress["energy"][0]
+        )
+    for name in ("mtt::tensor", "mtt::atomic"):
+        for block, old, new in zip(specs[name].blocks, blocks[name], new_blocks[name]):
+            parity = block.o3_sigma * (-1) ** block.o3_lambda if improper else 1
+            expected = parity * torch.einsum(
+                "mn,snp->smp", wigner[block.o3_lambda], old
+            )
+            if name == "mtt::atomic":
+                expected = expected[permutation]
+            key = f"{name} λ={block.o3_lambda} σ={block.o3_sigma}"
+            errors[key] = _relative(expected, new)
+            assert float(old.abs().max()) > 1e-8, f"{key} is trivially zero"
+    return errors
+
+
+@pytest.mark.parametrize("frame_layers", [None, 1])
+@pytest.mark.parametrize("periodic", [False, True])
+def test_local_ecse_is_exactly_equivariant(frame_layers, periodic):
+    specs = _specs(stress=periodic)
+    model = _model({"mode": "local", "frame_layers": frame_layers}, stress=periodic)
+    rng = np.random.default_rng(int(torch.randint(0, 2**30, (1,))))
+    for trial in range(3):
+        atoms = _random_crystal(rng) if periodic else _random_molecule(rng)
+        seed = int(rng.integers(2**30))
+        errors = _check_equivariance(
+            lambda a: _predict(model, a, specs),
+            atoms,
+            specs,
+            seed,
+            trial % 2 == 1,
+            periodic,
+        )
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-10, (worst, errors[worst])
+
+
+def test_unsymmetrized_pet_is_not_equivariant():
+    """The same check detects the (approximate) symmetry of plain PET."""
+    specs = _specs()
+    model = _model({"mode": "none"})
+    atoms = _random_molecule(np.random.default_rng(0))
+    errors = _check_equivariance(
+        lambda a: _predict(model, a, specs), atoms, specs, 3, True, False
+    )
+    assert errors["energy"] > 1e-6 and errors["mtt::tensor λ=2 σ=1"] > 1e-3
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_global_ecse_is_exactly_equivariant(periodic):
+    specs = _specs()
+    model = _model({"mode": "none"})
+    symmetrized = symmetrize_model(model.export(), max_lambda=4)
+
+    def predict(atoms):
+        predictions = symatomic.io.predict(symmetrized, [atoms], stress=periodic)
+        energy = predictions["energy"].block()
+        blocks = {"energy": [energy.values.reshape(1, 1, 1)]}
+        forces = {"energy": -energy.gradient("positions").values[:, :, 0]}
+        stress = {}
+        if periodic:
+            volume = abs(np.linalg.det(atoms.cell.array))
+            stress["energy"] = energy.gradient("strain").values[:, :, :, 0] / volume
+        for name in ("mtt::tensor", "mtt::atomic"):
+            tensor = predictions[name]
+            blocks[name] = [tensor.block(key).values for key in specs[name].keys()]
+        return blocks, forces, stress
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**30, (1,))))
+    for trial in range(2):
+        atoms = _random_crystal(rng) if periodic else _random_molecule(rng, 6)
+        seed = int(rng.integers(2**30))
+        errors = _check_equivariance(predict, atoms, specs, seed, trial == 1, periodic)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-10, (worst, errors[worst])
+
+
+def _energy_and_forces(model, atoms):
+    specs = {"energy": model.target_specs["energy"]}
+    blocks, forces, _ = _predict(model, atoms, specs)
+    return float(blocks["energy"][0].sum().detach()), forces["energy"].detach().numpy()
+
+
+def _assert_continuous(energy_of, start, stop, label):
+    """A discontinuity keeps its jump however finely the scan is refined; a steep
+    but continuous variation does not. The largest jumps of a scan are refined
+    three times twentyfold (a step 8000 times smaller)."""
+    steps = np.linspace(start, stop, 121)
+    energies = np.array([energy_of(t) for t in steps])
+    assert np.all(np.isfinite(energies)), label
+    jumps = np.abs(np.diff(energies))
+    for index in np.argsort(jumps)[-2:]:
+        if jumps[index] == 0:
+            continue
+        low, high, jump = steps[index], steps[index + 1], jumps[index]
+        for _ in range(3):
+            fine = np.linspace(low, high, 21)
+            fine_jumps = np.abs(np.diff([energy_of(t) for t in fine]))
+            worst = int(np.argmax(fine_jumps))
+            low, high = fine[worst], fine[worst + 1]
+        assert fine_jumps[worst] < 0.05 * jump, (label, steps[index])
+
+
+@pytest.mark.parametrize("frame_layers", [None, 1])
+def test_smooth_scans(frame_layers):
+    """Energy continuous and forces = -dE/dx while a neighbor crosses the inner and
+    outer cutoffs and three atoms become collinear."""
+    model = _model({"mode": "local", "frame_layers": frame_layers})
+    base = ase.Atoms(
+        "CHHO", positions=[[0, 0, 0], [1.1, 0, 0], [-0.3, 1.0, 0.2], [0.2, -0.4, 1.2]]
+    )
+    direction = np.array([0.0, -0.3, 1.0]) / np.linalg.norm([0.0, -0.3, 1.0])
+
+    def radial(t):
+        # the O atom moves out through the adaptive inner cutoffs and the cutoff
+        atoms = base.copy()
+        atoms.positions[3] = t * direction
+        return _energy_and_forces(model, atoms)[0]
+
+    def bend(angle):
+        # C-H-O goes to collinear (and beyond)
+        theta = np.radians(angle)
+        atoms = ase.Atoms(
+            "CHOH",
+            positions=[
+                [-1.1, 0, 0],
+                [0, 0, 0],
+                [1.2 * np.cos(np.pi - theta), 1.2 * np.sin(np.pi - theta), 0],
+                [-1.5, 1.0, 0.3],
+            ],
+        )
+        return _energy_and_forces(model, atoms)[0]
+
+    _assert_continuous(radial, 0.8, 3.7, "radial")
+    _assert_continuous(bend, 150.0, 210.0, "collinear")
+
+    # finite differences at points of the scans
+    rng = np.random.default_rng(0)
+    for t in (1.0, 2.0, 2.9, 3.3):
+        atoms = base.copy()
+        atoms.positions[3] = t * direction
+        atoms.positions += rng.normal(scale=0.01, size=atoms.positions.shape)
+        _, forces = _energy_and_forces(model, atoms)
+        delta = 1e-5
+        for i in range(len(atoms)):
+            for k in range(3):
+                plus, minus = atoms.copy(), atoms.copy()
+                plus.positions[i, k] += delta
+                minus.positions[i, k] -= delta
+                numerical = -(
+                    _energy_and_forces(model, plus)[0]
+                    - _energy_and_forces(model, minus)[0]
+                ) / (2 * delta)
+                assert abs(numerical - forces[i, k]) < 1e-6 * max(1.0, abs(numerical))
+
+
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_degenerate_structures_are_finite(mode):
+    structures = {
+        "one atom": ase.Atoms("O", positions=[[0, 0, 0]]),
+        "H2": ase.Atoms("HH", positions=[[0, 0, 0], [0.74, 0, 0]]),
+        "CO2": ase.Atoms("OCO", positions=[[-1.16, 0, 0], [0, 0, 0], [1.16, 0, 0]]),
+        "chain": ase.Atoms("CCCC", positions=[[1.3 * i, 0, 0] for i in range(4)]),
+        "planar": ase.Atoms(
+            "COHH", positions=[[0, 0, 0], [1.2, 0, 0], [-0.6, 0.9, 0], [-0.6, -0.9, 0]]
+        ),
+        "tetrahedral": ase.Atoms(
+            "CHHHH",
+            positions=[
+                [0, 0, 0],
+                [0.63, 0.63, 0.63],
+                [-0.63, -0.63, 0.63],
+                [-0.63, 0.63, -0.63],
+                [0.63, -0.63, -0.63],
+            ],
+        ),
+    }
+    if mode == "local":
+        model = _model({"mode": "local"})
+        for name, atoms in structures.items():
+            rotation, _ = _random_operation(7, False)
+            blocks, forces, _ = _predict(model, atoms, model.target_specs)
+            assert all(torch.isfinite(b).all() for b in blocks["mtt::tensor"]), name
+            assert torch.isfinite(forces["energy"]).all(), name
+            # degenerate environments use the invariant fallback: still invariant
+            rotated = _predict(
+                model,
+                _transform(atoms, rotation.numpy(), np.arange(len(atoms))),
+                model.target_specs,
+            )
+            assert _relative(blocks["energy"][0], rotated[0]["energy"][0]) < 1e-10, name
+    else:
+        symmetrized = symmetrize_model(_model({"mode": "none"}).export(), max_lambda=4)
+        for name, atoms in structures.items():
+            predictions = symatomic.io.predict(symmetrized, [atoms])
+            energy = predictions["energy"].block()
+            assert torch.isfinite(energy.values).all(), name
+            assert torch.isfinite(energy.gradient("positions").values).all(), name
+
+
+def test_local_ecse_is_local():
+    """A per-atom prediction does not change when atoms beyond the interaction range
+    (num_gnn_layers x cutoff) are added or moved."""
+    model = _model({"mode": "local"})
+    rng = np.random.default_rng(5)
+    core = _random_molecule(rng, 5)
+    far = _random_molecule(rng, 4)
+    far.positions += np.array([2 * model.cutoff + 6.0, 0, 0]) + core.positions.max(0)
+    specs = {"mtt::atomic": model.target_specs["mtt::atomic"]}
+    alone = _predict(model, core, specs)[0]["mtt::atomic"]
+    together = _predict(model, core + far, specs)[0]["mtt::atomic"]
+    moved = far.copy()
+    moved.positions += rng.normal(scale=0.5, size=moved.positions.shape)
+    together_moved = _predict(model, core + moved, specs)[0]["mtt::atomic"]
+    for a, b, c in zip(alone, together, together_moved):
+        assert torch.equal(a, b[: len(core)]) or _relative(a, b[: len(core)]) < 1e-13
+        assert _relative(b[: len(core)], c[: len(core)]) < 1e-13
+
+
+def test_frames_rotate_with_the_structure():
+    rng = np.random.default_rng(3)
+    atoms = _random_molecule(rng, 10)
+    frames = ECSEFrames(3.5)
+
+    def compute(a):
+        structure = structure_from_atoms(a, "x")
+        compute_neighbors(structure, 3.5)
+        n = len(structure)
+        vectors = pair_vectors(
+            structure.positions,
+            structure.cell.unsqueeze(0),
+            torch.zeros(n, dtype=torch.long),
+            structure.centers,
+            structure.neighbors,
+            structure.cell_shifts,
+        )
+        return frames(structure.centers, vectors, n, torch.arange(n), n)
+
+    first = compute(atoms)
+    rotation, _ = _random_operation(11, False)
+    second = compute(_transform(atoms, rotation.numpy(), np.arange(len(atoms))))
+    assert first.weights.shape == second.weights.shape
+    torch.testing.assert_close(second.weights, first.weights, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        second.rotations, rotation @ first.rotations, atol=1e-12, rtol=0
+    )
+    # every weight normalisation includes the fallback and is positive
+    assert bool(torch.all(first.normalization > 0))
+
+
+def test_ecse_options():
+    assert check_ecse_options(None)["mode"] == "none"
+    assert check_ecse_options("local")["inversion"] is True
+    with pytest.raises(ValueError, match="unknown option 'modes'"):
+        check_ecse_options({"modes": "local"})
+    with pytest.raises(ValueError, match="mode must be 'none' or 'local'"):
+        check_ecse_options({"mode": "global"})
+    with pytest.raises(ValueError, match="frame_layers must be between 1 and 2"):
+        _model({"mode": "local", "frame_layers": 3})
