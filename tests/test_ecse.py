@@ -374,3 +374,45 @@ def test_ecse_options():
         check_ecse_options({"mode": "global"})
     with pytest.raises(ValueError, match="frame_layers must be between 1 and 2"):
         _model({"mode": "local", "frame_layers": 3})
+
+
+def test_finetune_and_symmetrize_a_trained_pet(synthetic_file, tmp_path):
+    """Train PET without ECSE, then (1) export it with ECSE (same weights) and
+    (2) fine-tune it with ECSE in the loop."""
+    from conftest import tiny_options
+    from symatomic.cli import main
+    from symatomic.options import check_options
+    from symatomic.train import Trainer
+
+    targets = {
+        "energy": {"key": "energy", "unit": "eV"},
+        "mtt::dipole": {"key": "dipole", "type": {"cartesian": {"rank": 1}}},
+    }
+    options = check_options(tiny_options(synthetic_file, targets, epochs=1))
+    Trainer(options, str(tmp_path / "plain"), progress=False).run()
+
+    exported = tmp_path / "symmetrized.pt"
+    checkpoint = str(tmp_path / "plain" / "model.ckpt")
+    assert main(["export", checkpoint, "-o", str(exported), "--ecse", "local"]) == 0
+    atoms = _random_molecule(np.random.default_rng(1), 6)
+    rotation, wigner = _random_operation(5, True)
+    first = symatomic.io.predict(str(exported), [atoms])
+    second = symatomic.io.predict(
+        str(exported), [_transform(atoms, rotation.numpy(), np.arange(6))]
+    )
+    dipole = first["mtt::dipole"].block().values[0]
+    rotated = second["mtt::dipole"].block().values[0]
+    # a polar vector: parity -1 under the inversion included in the operation
+    assert _relative(-wigner[1] @ dipole, rotated) < 1e-10
+
+    options = tiny_options(synthetic_file, targets, epochs=1)
+    options["architecture"]["model"]["ecse"] = {"mode": "local"}
+    options["architecture"]["training"]["finetune"] = {"read_from": checkpoint}
+    result = Trainer(
+        check_options(options), str(tmp_path / "tuned"), progress=False
+    ).run()
+    assert result.history and "val:energy" in result.history[0]
+
+    options["architecture"]["model"]["d_pet"] = 8
+    with pytest.raises(ValueError, match=r"hyper-parameters \['d_pet'\] differ"):
+        Trainer(check_options(options), str(tmp_path / "bad"), progress=False).run()

@@ -152,7 +152,15 @@ def _export(args: argparse.Namespace) -> int:
 
     _setup_logging()
     checkpoint = load_checkpoint(args.checkpoint)
-    model = SymatomicModel.from_model_data(checkpoint["model_data"])
+    model_data = checkpoint["model_data"]
+    if args.ecse is not None:
+        # the same weights, evaluated with exact local ECSE in every layer
+        hypers = dict(model_data["hypers"])
+        hypers["ecse"] = {**hypers.get("ecse", {}), "mode": args.ecse}
+        if args.ecse == "local":
+            hypers["ecse"]["frame_layers"] = None
+        model_data = {**model_data, "hypers": hypers}
+    model = SymatomicModel.from_model_data(model_data)
     if args.weights == "best" and checkpoint.get("best_model_state_dict") is not None:
         state = checkpoint["best_model_state_dict"]
     else:
@@ -354,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("-o", "--output", default="model.pt")
     export.add_argument("--force", action="store_true", help="replace an existing file")
+    export.add_argument(
+        "--ecse",
+        choices=["none", "local"],
+        help="evaluate the model with (local) ECSE in every layer: exactly "
+        "O(3)-equivariant version of a PET trained without it",
+    )
     export.add_argument(
         "--weights",
         choices=["best", "last"],

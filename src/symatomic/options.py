@@ -27,13 +27,14 @@ TRAINING_DEFAULT_HYPERS: Dict[str, Any] = {
     "scheduler": "cosine",
     "min_learning_rate_ratio": 0.01,
     "grad_clip_norm": 1.0,
-    "augmentation": True,
+    "augmentation": "auto",
     "loss_weights": {},
     "forces_weight": 1.0,
     "stress_weight": 1.0,
     "checkpoint_interval": 100,
     "log_interval": 1,
     "validation_interval": 1,
+    "finetune": {},
 }
 
 _TRAINING_TYPES = {
@@ -45,13 +46,14 @@ _TRAINING_TYPES = {
     "scheduler": str,
     "min_learning_rate_ratio": float,
     "grad_clip_norm": float,
-    "augmentation": bool,
+    "augmentation": (bool, str),
     "loss_weights": dict,
     "forces_weight": float,
     "stress_weight": float,
     "checkpoint_interval": int,
     "log_interval": int,
     "validation_interval": int,
+    "finetune": dict,
 }
 
 _TOP_LEVEL = {
@@ -181,7 +183,10 @@ def check_training_hypers(
         expected = _TRAINING_TYPES[name]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or (
+        if name == "augmentation":
+            if value not in (True, False, "auto"):
+                raise ValueError(f"{where}.augmentation must be true, false or 'auto'")
+        elif not isinstance(value, expected) or (
             expected is not bool and isinstance(value, bool)
         ):
             raise ValueError(
@@ -203,6 +208,12 @@ def check_training_hypers(
         raise ValueError(f"{where}.scheduler must be 'cosine' or 'constant'")
     if not 0 <= result["warmup_fraction"] < 1:
         raise ValueError(f"{where}.warmup_fraction must be in [0, 1)")
+    finetune = result["finetune"]
+    unknown = set(finetune) - {"read_from"}
+    if unknown:
+        raise ValueError(f"{where}.finetune: unknown option(s) {sorted(unknown)}")
+    if finetune and not isinstance(finetune.get("read_from"), str):
+        raise ValueError(f"{where}.finetune.read_from must be the path of a checkpoint")
     for name, weight in result["loss_weights"].items():
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(

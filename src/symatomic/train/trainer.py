@@ -187,6 +187,9 @@ class Trainer:
         )
         self.model.to(dtype=self.dtype)
         self.target_scales = self.model.fit_output_statistics(data.train)
+        finetune = self.hypers["finetune"].get("read_from")
+        if finetune:
+            self._load_pretrained(finetune)
         self.model.to(device=self.device)
         for name, values in self.target_scales.items():
             self._log(
@@ -195,6 +198,51 @@ class Trainer:
                 np.array2string(np.unique(np.round(values, 6))[:6], precision=4),
                 data.targets[name].unit,
             )
+
+    def _load_pretrained(self, path: str) -> None:
+        """Start from the (best) weights of another checkpoint: the backbone must
+        have the same hyper-parameters (ECSE settings may differ: fine-tune a PET
+        trained without ECSE with ECSE in the loop); heads are taken for targets
+        with the same name and blocks, the others start fresh."""
+        pretrained = load_checkpoint(path)
+        data = pretrained["model_data"]
+        ours = self.model.model_data()
+        for key in ("atomic_types", "length_unit"):
+            if data[key] != ours[key]:
+                raise ValueError(
+                    f"finetune: {key} of '{path}' ({data[key]}) differ from this "
+                    f"model's ({ours[key]})"
+                )
+        mine = {k: v for k, v in ours["hypers"].items() if k != "ecse"}
+        theirs = {k: v for k, v in data["hypers"].items() if k != "ecse"}
+        if mine != theirs:
+            differences = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"finetune: the model hyper-parameters {differences} differ from "
+                f"those of '{path}'"
+            )
+        state = (
+            pretrained.get("best_model_state_dict") or pretrained["model_state_dict"]
+        )
+        inherited = [
+            name
+            for name, spec in ours["targets"].items()
+            if name in data["targets"]
+            and data["targets"][name]["blocks"] == spec["blocks"]
+        ]
+        selected = {
+            key: value
+            for key, value in state.items()
+            if not key.startswith("readouts.") or key.split(".")[1] in inherited
+        }
+        self.model.load_state_dict(selected, strict=False)
+        fresh = sorted(set(ours["targets"]) - set(inherited))
+        self._log(
+            "fine-tuning from %s: backbone and heads of %s loaded%s",
+            path,
+            inherited,
+            f"; new heads for {fresh}" if fresh else "",
+        )
 
     def run(self) -> TrainingResult:
         checkpoint = load_checkpoint(self.restart) if self.restart else None
@@ -321,6 +369,16 @@ class Trainer:
             if spec.has_stress:
                 weights[name + "/stress"] = hypers["stress_weight"]
         train_with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
+        symmetric = self.model.hypers["ecse"]["mode"] != "none"
+        augmentation = self.hypers["augmentation"]
+        # an exactly equivariant model gains nothing from rotated copies
+        self.augmentation = (not symmetric) if augmentation == "auto" else augmentation
+        if symmetric:
+            self._log(
+                "exactly O(3)-equivariant model (ECSE %s); augmentation %s",
+                self.model.hypers["ecse"]["mode"],
+                "on" if self.augmentation else "off",
+            )
 
         seed = self.options["seed"]
         for epoch in range(start_epoch, hypers["num_epochs"]):
@@ -475,7 +533,7 @@ class Trainer:
         global_batch_structures = [self.data.train[i] for i in global_chunk]
         # draw the rotations of the whole global batch, keep this rank's
         matrices = None
-        if self.hypers["augmentation"]:
+        if self.augmentation:
             matrices = random_transformations(
                 len(global_chunk),
                 0,
