@@ -8,7 +8,12 @@ import pytest
 import torch
 from metatomic.torch.o3 import random_transformations
 
-from symatomic.o3 import CartesianDecomposition, inversion_parity, real_clebsch_gordan
+from symatomic.o3 import (
+    CartesianDecomposition,
+    WignerD,
+    inversion_parity,
+    real_clebsch_gordan,
+)
 
 
 def _rotate_cartesian(tensor: torch.Tensor, rotation: torch.Tensor, rank: int):
@@ -163,3 +168,64 @@ def test_real_clebsch_gordan_orthonormal():
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank 4"):
         CartesianDecomposition(4)
+
+
+def test_wigner_d_matches_metatomic_and_sphericart():
+    """WignerD against metatomic's Wigner-D matrices (λ = 0…6) and against the
+    definition Y(R r) = D(R) Y(r) with sphericart's real harmonics; scripted."""
+    import sphericart.torch
+
+    max_lambda = 6
+    wigner = torch.jit.script(WignerD(max_lambda))
+    transformation = random_transformations(
+        5, max_lambda, device=torch.device("cpu"), dtype=torch.float64
+    )
+    rotations = transformation.matrices
+    matrices = wigner(rotations)
+    points = torch.nn.functional.normalize(
+        torch.randn(7, 3, dtype=torch.float64), dim=1
+    )
+    harmonics = sphericart.torch.SphericalHarmonics(max_lambda)
+    before = harmonics(points)
+    for o3_lambda in range(max_lambda + 1):
+        expected = transformation.wigner_D_matrices(o3_lambda)
+        torch.testing.assert_close(matrices[o3_lambda], expected, atol=1e-13, rtol=0)
+        # orthogonal
+        identity = torch.eye(2 * o3_lambda + 1, dtype=torch.float64)
+        product = matrices[o3_lambda] @ matrices[o3_lambda].transpose(1, 2)
+        torch.testing.assert_close(
+            product, identity.expand_as(product), atol=1e-13, rtol=0
+        )
+        block = slice(o3_lambda**2, (o3_lambda + 1) ** 2)
+        for r in range(rotations.shape[0]):
+            after = harmonics(points @ rotations[r].T)[:, block]
+            torch.testing.assert_close(
+                after, before[:, block] @ matrices[o3_lambda][r].T, atol=1e-12, rtol=0
+            )
+
+
+def test_wigner_d_gradients():
+    """Derivatives with respect to the rotation (ECSE frames depend on positions)."""
+    wigner = WignerD(4)
+
+    def frame(vectors):
+        e1 = torch.nn.functional.normalize(vectors[0], dim=0)
+        e2 = torch.nn.functional.normalize(
+            torch.linalg.cross(vectors[0], vectors[1]), dim=0
+        )
+        e3 = torch.linalg.cross(e1, e2)
+        return torch.stack([e1, e2, e3], dim=1).unsqueeze(0)
+
+    vectors = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: wigner(frame(v))[4], (vectors,))
+    assert torch.autograd.gradgradcheck(lambda v: wigner(frame(v))[3], (vectors,))
+
+
+@pytest.mark.parametrize("max_lambda", [0, 1, 2])
+def test_wigner_d_small_orders_script(max_lambda):
+    wigner = torch.jit.script(WignerD(max_lambda))
+    rotation = random_transformations(
+        2, 1, device=torch.device("cpu"), dtype=torch.float64
+    ).matrices
+    matrices = wigner(rotation)
+    assert [m.shape[1] for m in matrices] == [2 * i + 1 for i in range(max_lambda + 1)]

@@ -147,32 +147,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .model import SymatomicModel
-    from .train import export_model, load_checkpoint
+    from .train import export_model, model_from_checkpoint
 
     _setup_logging()
-    checkpoint = load_checkpoint(args.checkpoint)
-    model_data = checkpoint["model_data"]
-    if args.ecse is not None:
-        # the same weights, evaluated with exact local ECSE in every layer
-        hypers = dict(model_data["hypers"])
-        hypers["ecse"] = {**hypers.get("ecse", {}), "mode": args.ecse}
-        if args.ecse == "local":
-            hypers["ecse"]["frame_layers"] = None
-        model_data = {**model_data, "hypers": hypers}
-    model = SymatomicModel.from_model_data(model_data)
-    if args.weights == "best" and checkpoint.get("best_model_state_dict") is not None:
-        state = checkpoint["best_model_state_dict"]
-    else:
-        state = checkpoint["model_state_dict"]
-    dtype = next(iter(v for v in state.values() if v.is_floating_point())).dtype
-    model.to(dtype)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"checkpoint '{args.checkpoint}' does not match its model description: {error}"
-        ) from None
+    model = model_from_checkpoint(args.checkpoint, args.weights, args.ecse)
     if os.path.exists(args.output) and not args.force:
         raise SystemExit(f"error: '{args.output}' exists; pass --force to replace it")
     export_model(model, args.output)

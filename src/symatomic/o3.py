@@ -16,8 +16,6 @@ uses for its Wigner-D matrices, so every block built here rotates with metatomic
 Wigner-D matrices (this is tested).
 """
 
-from __future__ import annotations
-
 import functools
 import itertools
 from dataclasses import dataclass
@@ -283,34 +281,34 @@ class WignerD(torch.nn.Module):
     """Real Wigner-D matrices of rotation matrices, differentiable and scriptable.
 
     ``D^λ(R)`` is the matrix with ``Y^λ(R r) = D^λ(R) Y^λ(r)`` for the real spherical
-    harmonics of :mod:`sphericart` (the convention of metatomic: this is tested
-    against :class:`metatomic.torch.o3.O3Transformations`). It is obtained exactly
-    by least squares from the harmonics of a fixed set of rotated points, so it is
-    differentiable (twice) with respect to the rotation, as needed when rotations
-    depend on atomic positions (ECSE frames).
+    harmonics of metatomic and sphericart (tested against
+    :class:`metatomic.torch.o3.O3Transformations`). ``D^1`` is the rotation matrix in
+    the ``(y, z, x)`` order of the λ = 1 harmonics; higher orders follow exactly from
+    the coupling ``λ - 1 ⊗ 1 → λ``: ``D^λ = Cᵀ (D^{λ-1} ⊗ D^1) C`` with the real
+    Clebsch–Gordan coefficients ``C`` of :func:`real_clebsch_gordan`. Everything is
+    plain torch (no extension: exported models load anywhere) and differentiable to
+    any order with respect to the rotation, as needed when rotations depend on
+    atomic positions (ECSE frames).
 
     :param max_lambda: largest ``o3_lambda``
     """
 
+    couplings: List[torch.Tensor]
+
     def __init__(self, max_lambda: int):
         super().__init__()
-        import sphericart.torch
-
         self.max_lambda = int(max_lambda)
-        self.harmonics = sphericart.torch.SphericalHarmonics(self.max_lambda)
-        n_points = 3 * (2 * self.max_lambda + 1)
-        generator = torch.Generator().manual_seed(20251125)
-        points = torch.randn(n_points, 3, dtype=torch.float64, generator=generator)
-        points = points / torch.linalg.vector_norm(points, dim=1, keepdim=True)
-        values = self.harmonics(points)
-        projectors = []
-        for o3_lambda in range(self.max_lambda + 1):
-            block = values[:, o3_lambda * o3_lambda : (o3_lambda + 1) ** 2]
-            # D = Y(R X)^T @ pinv(Y(X))^T
-            projectors.append(torch.linalg.pinv(block).T)
-        self.register_buffer("points", points)
-        # (n_points, (max_lambda + 1)^2), the λ blocks side by side
-        self.register_buffer("projectors", torch.cat(projectors, dim=1).contiguous())
+        # constants, not buffers: nothing of this module goes to the state dict
+        self.vector_to_spherical = torch.tensor(
+            _VECTOR_TO_SPHERICAL, dtype=torch.float64
+        )
+        couplings: List[torch.Tensor] = []
+        for o3_lambda in range(2, self.max_lambda + 1):
+            couplings.append(
+                torch.tensor(real_clebsch_gordan(o3_lambda - 1, 1, o3_lambda))
+            )
+        # (2λ - 1, 3, 2λ + 1) for λ = 2 … max_lambda
+        self.couplings = couplings
 
     def forward(self, rotations: torch.Tensor) -> List[torch.Tensor]:
         """
@@ -318,16 +316,20 @@ class WignerD(torch.nn.Module):
         :return: ``max_lambda + 1`` tensors ``(n, 2λ+1, 2λ+1)``
         """
         n = rotations.shape[0]
-        points = self.points.to(rotations.dtype)
-        rotated = torch.matmul(rotations.unsqueeze(1), points.unsqueeze(-1)).squeeze(-1)
-        values = self.harmonics(rotated.reshape(-1, 3)).reshape(n, points.shape[0], -1)
-        projectors = self.projectors.to(values.dtype)
-        result: List[torch.Tensor] = []
-        for o3_lambda in range(self.max_lambda + 1):
-            start = o3_lambda * o3_lambda
-            stop = (o3_lambda + 1) * (o3_lambda + 1)
-            block = values[:, :, start:stop]
-            result.append(
-                torch.matmul(block.transpose(1, 2), projectors[:, start:stop])
-            )
+        dtype = rotations.dtype
+        device = rotations.device
+        permutation = self.vector_to_spherical.to(dtype=dtype, device=device)
+        result: List[torch.Tensor] = [torch.ones(n, 1, 1, dtype=dtype, device=device)]
+        if self.max_lambda == 0:
+            return result
+        d1 = torch.matmul(torch.matmul(permutation, rotations), permutation.T)
+        result.append(d1)
+        previous = d1
+        for coupling in self.couplings:
+            c = coupling.to(dtype=dtype, device=device)
+            # D^λ[m, k] = Σ C[a, b, m] C[c, d, k] D^{λ-1}[a, c] D^1[b, d]
+            left = torch.einsum("abm,nac->nbmc", c, previous)
+            both = torch.einsum("nbmc,nbd->nmcd", left, d1)
+            previous = torch.einsum("nmcd,cdk->nmk", both, c)
+            result.append(previous)
         return result

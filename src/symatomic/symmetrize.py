@@ -38,7 +38,7 @@ from metatomic.torch import (
     System,
 )
 
-from .ecse import ECSE_DEFAULTS, ECSEFrames
+from .ecse import ECSE_GLOBAL_DEFAULTS, ECSEFrames
 from .neighbors import sort_pairs
 from .o3 import WignerD
 
@@ -73,7 +73,7 @@ class GlobalECSE(torch.nn.Module):
     :param inversion: symmetrize over O(3), not only SO(3)
     :param max_lambda: largest ``o3_lambda`` of the outputs
     :param frame_options: parameters of :class:`symatomic.ecse.ECSEFrames`
-        (defaults: :data:`symatomic.ecse.ECSE_DEFAULTS`)
+        (defaults: :data:`symatomic.ecse.ECSE_GLOBAL_DEFAULTS`)
     """
 
     def __init__(
@@ -87,7 +87,7 @@ class GlobalECSE(torch.nn.Module):
     ):
         super().__init__()
         self.model = model
-        options = dict(ECSE_DEFAULTS)
+        options = dict(ECSE_GLOBAL_DEFAULTS)
         options.update(frame_options or {})
         max_outer_cutoff = float(options["max_outer_cutoff"])
         if cutoff is None:

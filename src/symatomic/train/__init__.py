@@ -1,6 +1,6 @@
 """Training: losses, the training loop, checkpoints and data parallelism."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .trainer import Trainer, TrainingResult, evaluate_structures, export_model
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "evaluate_structures",
     "export_model",
     "load_checkpoint",
+    "model_from_checkpoint",
     "save_checkpoint",
 ]

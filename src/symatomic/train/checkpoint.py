@@ -3,7 +3,7 @@
 import os
 import tempfile
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -12,13 +12,15 @@ from .. import __version__
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
+    "model_from_checkpoint",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
 ]
 
 CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: version of the checkpoint layout; bump it (and add an upgrade step) when it changes
-CHECKPOINT_VERSION = 1
+#: (2: Wigner-D matrices by Clebsch-Gordan recursion, no sampled-point buffers)
+CHECKPOINT_VERSION = 2
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -50,7 +52,7 @@ def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
 
 
 def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """Bring an older checkpoint to :data:`CHECKPOINT_VERSION` (hook for the future)."""
+    """Bring an older checkpoint to :data:`CHECKPOINT_VERSION`."""
     version = checkpoint.get("version")
     if not isinstance(version, int):
         raise ValueError(f"checkpoint '{path}' has no valid version number")
@@ -60,7 +62,18 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
             f"({__version__}) understands (version {CHECKPOINT_VERSION}); upgrade "
             "symatomic"
         )
-    # version 1 is the first layout: nothing to upgrade yet
+    if version < 2:
+        # the Wigner-D module no longer stores sample points and projectors
+        obsolete = ("wigner.points", "wigner.projectors")
+        for key in ("model_state_dict", "best_model_state_dict"):
+            state = checkpoint.get(key)
+            if isinstance(state, dict):
+                checkpoint[key] = {
+                    name: value
+                    for name, value in state.items()
+                    if not name.endswith(obsolete)
+                }
+        checkpoint["version"] = 2
     return checkpoint
 
 
@@ -91,3 +104,43 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise ValueError(f"checkpoint '{path}' is incomplete: missing {missing}")
     return upgrade_checkpoint(checkpoint, path)
+
+
+def model_from_checkpoint(
+    path: str, weights: str = "best", ecse: Optional[str] = None
+) -> Any:
+    """The :class:`~symatomic.model.SymatomicModel` stored in a checkpoint.
+
+    :param weights: ``"best"`` (lowest validation loss, when stored) or ``"last"``
+    :param ecse: ``None`` keeps the checkpoint's ECSE settings; ``"local"`` evaluates
+        the same weights with exact local ECSE in every attention layer (symmetrizes
+        a PET trained without ECSE); ``"none"`` drops ECSE
+    """
+    from ..model import SymatomicModel
+
+    if weights not in ("best", "last"):
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    checkpoint = load_checkpoint(path)
+    model_data = checkpoint["model_data"]
+    if ecse is not None:
+        if ecse not in ("none", "local"):
+            raise ValueError(f"ecse must be 'none' or 'local', got {ecse!r}")
+        hypers = dict(model_data["hypers"])
+        hypers["ecse"] = {**hypers.get("ecse", {}), "mode": ecse}
+        if ecse == "local":
+            hypers["ecse"]["frame_layers"] = None
+        model_data = {**model_data, "hypers": hypers}
+    model = SymatomicModel.from_model_data(model_data)
+    if weights == "best" and checkpoint.get("best_model_state_dict") is not None:
+        state = checkpoint["best_model_state_dict"]
+    else:
+        state = checkpoint["model_state_dict"]
+    dtype = next(iter(v for v in state.values() if v.is_floating_point())).dtype
+    model.to(dtype)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(
+            f"checkpoint '{path}' does not match its model description: {error}"
+        ) from None
+    return model

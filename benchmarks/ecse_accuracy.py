@@ -1,0 +1,175 @@
+"""Accuracy of PET with and without ECSE, on the shared reference data.
+
+Same backbone (metatrain's default PET hyper-parameters), same splits as
+``pet_accuracy.py`` (``numpy.random.default_rng(0)``: water dimer 700/100/200 for μ
+and α; methane 70/10/20 for energy and forces), same number of epochs:
+
+* ``PET``: unconstrained, trained with random O(3) augmentation;
+* ``PET+ECSE (in the loop)``: ``ecse: {mode: local}``, trained symmetrized
+  (no augmentation: it would change nothing);
+* ``PET, symmetrized``: the first model's weights evaluated with local ECSE in
+  every layer, no retraining (``symatomic export --ecse local``);
+* ``PET fine-tuned with ECSE``: the first model fine-tuned with ECSE in the loop
+  for a quarter of the epochs (``finetune: {read_from: …}``).
+
+Prints the test RMSEs and the training time of each.
+
+    python benchmarks/ecse_accuracy.py [--epochs-water 40] [--epochs-methane 200]
+"""
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+
+import torch
+from pet_accuracy import options_for, split
+
+from symatomic.data.sets import load_data_sets
+from symatomic.data.targets import TargetSpec
+from symatomic.train import Trainer, evaluate_structures, model_from_checkpoint
+from symatomic.train.checkpoint import load_checkpoint
+
+MODEL = {
+    "d_pet": 128,
+    "d_node": 256,
+    "d_head": 128,
+    "d_feedforward": 256,
+    "num_heads": 8,
+    "num_attention_layers": 2,
+    "num_gnn_layers": 2,
+}
+
+
+def train(options, folder, name):
+    start = time.perf_counter()
+    result = Trainer(options, os.path.join(folder, name), progress=False).run()
+    return result, (time.perf_counter() - start) / 60
+
+
+def symmetrized_test_errors(checkpoint_path, options, batch_size):
+    """Test errors of a checkpoint's weights evaluated with local ECSE."""
+    model = model_from_checkpoint(checkpoint_path, "best", ecse="local")
+    model.eval()
+    model_data = load_checkpoint(checkpoint_path)["model_data"]
+    specs = {
+        name: TargetSpec.from_dict(spec) for name, spec in model_data["targets"].items()
+    }
+    data = load_data_sets(
+        options,
+        model_data["hypers"]["cutoff"],
+        atomic_types=model_data["atomic_types"],
+        targets=specs,
+    )
+    return evaluate_structures(model, data.test, specs, batch_size)
+
+
+def compare(path, targets, indices, epochs, batch_size, frame_layers, keys, folder):
+    """The four variants on one data set: rows (variant, {key: RMSE}, minutes)."""
+    training = {"num_epochs": epochs, "batch_size": batch_size, "learning_rate": 5e-4}
+    rows = []
+
+    options = options_for(path, targets, indices, copy.deepcopy(MODEL), training)
+    pet, minutes = train(options, folder, "pet")
+    rows.append(("PET", pet.test_errors, minutes))
+
+    model = {**copy.deepcopy(MODEL), "ecse": {"mode": "local"}}
+    if frame_layers is not None:
+        model["ecse"]["frame_layers"] = frame_layers
+    options = options_for(path, targets, indices, model, training)
+    ecse, minutes = train(options, folder, "ecse")
+    rows.append(("PET+ECSE (in the loop)", ecse.test_errors, minutes))
+
+    start = time.perf_counter()
+    errors = symmetrized_test_errors(pet.checkpoint, options, batch_size)
+    rows.append(("PET, symmetrized", errors, (time.perf_counter() - start) / 60))
+
+    # fine-tuning keeps the backbone: ECSE in every layer, as the weights were
+    # trained to see rotated environments everywhere
+    model = {**copy.deepcopy(MODEL), "ecse": {"mode": "local"}}
+    finetune = {
+        **training,
+        "num_epochs": max(1, epochs // 4),
+        "learning_rate": 2e-4,
+        "finetune": {"read_from": pet.checkpoint},
+    }
+    options = options_for(path, targets, indices, model, finetune)
+    tuned, minutes = train(options, folder, "finetune")
+    rows.append(("PET fine-tuned with ECSE", tuned.test_errors, minutes))
+    return [(variant, {k: e[k] for k in keys}, m) for variant, e, m in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data",
+        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
+    )
+    parser.add_argument("--epochs-water", type=int, default=40)
+    parser.add_argument("--epochs-methane", type=int, default=200)
+    parser.add_argument(
+        "--frame-layers",
+        type=int,
+        default=None,
+        help="ECSE frame_layers for the in-the-loop model (default: all layers)",
+    )
+    parser.add_argument("--only", choices=["water", "methane"], default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tables = []
+    with tempfile.TemporaryDirectory() as folder:
+        methane = os.path.join(args.data, "methane_100.xyz")
+        if os.path.exists(methane) and args.only in (None, "methane"):
+            keys = ["energy/per_atom", "energy/forces"]
+            rows = compare(
+                methane,
+                {"energy": {"key": "energy", "unit": "eV"}},
+                split(100, 70, 10),
+                args.epochs_methane,
+                8,
+                args.frame_layers,
+                keys,
+                os.path.join(folder, "methane"),
+            )
+            tables.append((f"methane, {args.epochs_methane} epochs", keys, rows))
+
+        water = os.path.join(args.data, "water_dimer_1000.xyz")
+        if os.path.exists(water) and args.only in (None, "water"):
+            keys = ["mtt::dipole", "mtt::polarizability"]
+            targets = {
+                "mtt::dipole": {
+                    "key": "mu",
+                    "unit": "e*Bohr",
+                    "type": {"cartesian": {"rank": 1}},
+                },
+                "mtt::polarizability": {
+                    "key": "alpha",
+                    "unit": "Bohr^3",
+                    "type": {"cartesian": {"rank": 2}},
+                },
+            }
+            rows = compare(
+                water,
+                targets,
+                split(1000, 700, 100),
+                args.epochs_water,
+                16,
+                args.frame_layers,
+                keys,
+                os.path.join(folder, "water"),
+            )
+            tables.append((f"water dimer, {args.epochs_water} epochs", keys, rows))
+
+    for title, keys, rows in tables:
+        print(f"\n{title} (test RMSE)")
+        print(f"  {'variant':28s}" + "".join(f"{k:>22s}" for k in keys) + "  minutes")
+        for variant, errors, minutes in rows:
+            values = "".join(f"{errors[k]:22.4f}" for k in keys)
+            print(f"  {variant:28s}{values}  {minutes:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
