@@ -12,7 +12,7 @@ On a molecule of the shared data (QM7-X) and a 648-atom water box, for the same 
 
 It prints the median energy + forces time (float32, exported models, neighbor lists
 included, calls alternating between variants), the ratio to the unsymmetrized
-model, the number of frames per atom after pruning, and the equivariance error of
+model, the number of frames per atom (and per structure in global mode), and the equivariance error of
 energy and forces (float64 copies of the same models, random O(3) operation with
 inversion plus a random permutation; relative to the size of the values).
 
@@ -34,7 +34,12 @@ from systems import water_box
 import symatomic.io
 from symatomic.data import compute_neighbors, structure_from_atoms
 from symatomic.data.targets import parse_target_options
-from symatomic.ecse import ECSEFrames, frames_per_group
+from symatomic.ecse import (
+    ECSE_DEFAULTS,
+    ECSE_GLOBAL_DEFAULTS,
+    ECSEFrames,
+    frames_per_group,
+)
 from symatomic.model import SymatomicModel
 from symatomic.neighbors import pair_vectors
 from symatomic.symmetrize import symmetrize_model
@@ -59,7 +64,7 @@ def build_models(types, dtype):
 
 
 def frame_counts(atoms):
-    """Frames per atom after pruning (local mode) and frames of the structure
+    """Frames per atom (local mode, its default pruning) and frames of the structure
     (global mode, pruned over the whole structure); before mirror images."""
     structure = structure_from_atoms(atoms, "x")
     compute_neighbors(structure, 4.5)
@@ -72,9 +77,12 @@ def frame_counts(atoms):
         structure.neighbors,
         structure.cell_shifts,
     )
-    frames = ECSEFrames(4.5)
-    local = frames(structure.centers, vectors, n, torch.arange(n), n)
-    pooled = frames(structure.centers, vectors, n, torch.zeros(n, dtype=torch.long), 1)
+    local = ECSEFrames(4.5, **ECSE_DEFAULTS)(
+        structure.centers, vectors, n, torch.arange(n), n
+    )
+    pooled = ECSEFrames(4.5, **ECSE_GLOBAL_DEFAULTS)(
+        structure.centers, vectors, n, torch.zeros(n, dtype=torch.long), 1
+    )
     return float(frames_per_group(local, n).double().mean()), int(
         pooled.weights.shape[0]
     )
@@ -147,7 +155,7 @@ def main() -> None:
         models64 = build_models(types, torch.float64)
         per_atom, pooled = frame_counts(atoms)
         print(
-            f"\n{label}: {per_atom:.2f} frames per atom after pruning (local mode); "
+            f"\n{label}: {per_atom:.2f} frames per atom (local mode); "
             f"{pooled} frames for the whole structure (global mode), x2 with "
             "mirror images"
         )
