@@ -18,28 +18,15 @@ Prints the test RMSEs and the training time of each.
 """
 
 import argparse
-import copy
 import os
 import tempfile
 import time
 
 import torch
-from pet_accuracy import options_for, split
+from pet_accuracy import METHANE_TARGETS, MODEL, WATER_TARGETS, options_for, split
 
 from symatomic.data.sets import load_data_sets
-from symatomic.data.targets import TargetSpec
 from symatomic.train import Trainer, evaluate_structures, model_from_checkpoint
-from symatomic.train.checkpoint import load_checkpoint
-
-MODEL = {
-    "d_pet": 128,
-    "d_node": 256,
-    "d_head": 128,
-    "d_feedforward": 256,
-    "num_heads": 8,
-    "num_attention_layers": 2,
-    "num_gnn_layers": 2,
-}
 
 
 def train(options, folder, name):
@@ -52,15 +39,9 @@ def symmetrized_test_errors(checkpoint_path, options, batch_size):
     """Test errors of a checkpoint's weights evaluated with local ECSE."""
     model = model_from_checkpoint(checkpoint_path, "best", ecse="local")
     model.eval()
-    model_data = load_checkpoint(checkpoint_path)["model_data"]
-    specs = {
-        name: TargetSpec.from_dict(spec) for name, spec in model_data["targets"].items()
-    }
+    specs = model.target_specs
     data = load_data_sets(
-        options,
-        model_data["hypers"]["cutoff"],
-        atomic_types=model_data["atomic_types"],
-        targets=specs,
+        options, model.cutoff, atomic_types=model.atomic_types, targets=specs
     )
     return evaluate_structures(model, data.test, specs, batch_size)
 
@@ -70,11 +51,11 @@ def compare(path, targets, indices, epochs, batch_size, frame_layers, keys, fold
     training = {"num_epochs": epochs, "batch_size": batch_size, "learning_rate": 5e-4}
     rows = []
 
-    options = options_for(path, targets, indices, copy.deepcopy(MODEL), training)
+    options = options_for(path, targets, indices, MODEL, training)
     pet, minutes = train(options, folder, "pet")
     rows.append(("PET", pet.test_errors, minutes))
 
-    model = {**copy.deepcopy(MODEL), "ecse": {"mode": "local"}}
+    model = {**MODEL, "ecse": {"mode": "local"}}
     if frame_layers:
         model["ecse"]["frame_layers"] = frame_layers
     options = options_for(path, targets, indices, model, training)
@@ -87,7 +68,7 @@ def compare(path, targets, indices, epochs, batch_size, frame_layers, keys, fold
 
     # fine-tuning keeps the backbone: ECSE in every layer, as the weights were
     # trained to see rotated environments everywhere
-    model = {**copy.deepcopy(MODEL), "ecse": {"mode": "local"}}
+    model = {**MODEL, "ecse": {"mode": "local"}}
     finetune = {
         **training,
         "num_epochs": max(1, epochs // 4),
@@ -127,7 +108,7 @@ def main() -> None:
             keys = ["energy/per_atom", "energy/forces"]
             rows = compare(
                 methane,
-                {"energy": {"key": "energy", "unit": "eV"}},
+                METHANE_TARGETS,
                 split(100, 70, 10),
                 args.epochs_methane,
                 8,
@@ -140,21 +121,9 @@ def main() -> None:
         water = os.path.join(args.data, "water_dimer_1000.xyz")
         if os.path.exists(water) and args.only in (None, "water"):
             keys = ["mtt::dipole", "mtt::polarizability"]
-            targets = {
-                "mtt::dipole": {
-                    "key": "mu",
-                    "unit": "e*Bohr",
-                    "type": {"cartesian": {"rank": 1}},
-                },
-                "mtt::polarizability": {
-                    "key": "alpha",
-                    "unit": "Bohr^3",
-                    "type": {"cartesian": {"rank": 2}},
-                },
-            }
             rows = compare(
                 water,
-                targets,
+                WATER_TARGETS,
                 split(1000, 700, 100),
                 args.epochs_water,
                 16,

@@ -41,7 +41,6 @@ from symatomic.ecse import (
     frames_per_group,
 )
 from symatomic.model import SymatomicModel
-from symatomic.neighbors import pair_vectors
 from symatomic.symmetrize import symmetrize_model
 
 
@@ -69,14 +68,7 @@ def frame_counts(atoms):
     structure = structure_from_atoms(atoms, "x")
     compute_neighbors(structure, 4.5)
     n = len(structure)
-    vectors = pair_vectors(
-        structure.positions,
-        structure.cell.unsqueeze(0),
-        torch.zeros(n, dtype=torch.long),
-        structure.centers,
-        structure.neighbors,
-        structure.cell_shifts,
-    )
+    vectors = structure.pair_vectors()
     local = ECSEFrames(4.5, **ECSE_DEFAULTS)(
         structure.centers, vectors, n, torch.arange(n), n
     )

@@ -28,6 +28,28 @@ ANCHORS = {
     "methane": {"energy/per_atom": 0.0765, "energy/forces": 1.064},
 }
 
+#: metatrain's default PET hyper-parameters, spelled out
+MODEL = {
+    "d_pet": 128,
+    "d_node": 256,
+    "d_head": 128,
+    "d_feedforward": 256,
+    "num_heads": 8,
+    "num_attention_layers": 2,
+    "num_gnn_layers": 2,
+}
+
+WATER_TARGETS = {
+    "mtt::dipole": {"key": "mu", "unit": "e*Bohr", "type": {"cartesian": {"rank": 1}}},
+    "mtt::polarizability": {
+        "key": "alpha",
+        "unit": "Bohr^3",
+        "type": {"cartesian": {"rank": 2}},
+    },
+}
+
+METHANE_TARGETS = {"energy": {"key": "energy", "unit": "eV"}}
+
 
 def split(n_total, n_train, n_validation, seed=0):
     permutation = np.random.default_rng(seed).permutation(n_total).tolist()
@@ -39,15 +61,20 @@ def split(n_total, n_train, n_validation, seed=0):
 
 
 def options_for(path, targets, indices, model, training, seed=0):
+    """Validated options (the given dictionaries are copied, never modified)."""
     train, validation, test = indices
     return check_options(
         {
             "seed": seed,
             "base_precision": 32,
-            "architecture": {"name": "pet", "model": model, "training": training},
+            "architecture": {
+                "name": "pet",
+                "model": copy.deepcopy(model),
+                "training": copy.deepcopy(training),
+            },
             "training_set": {
                 "systems": {"read_from": path, "length_unit": "angstrom"},
-                "targets": targets,
+                "targets": copy.deepcopy(targets),
             },
             "validation_set": {"indices": validation},
             "test_set": {"indices": test},
@@ -76,39 +103,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = {
-        "d_pet": 128,
-        "d_node": 256,
-        "d_head": 128,
-        "d_feedforward": 256,
-        "num_heads": 8,
-        "num_attention_layers": 2,
-        "num_gnn_layers": 2,
-    }
     rows = []
 
     water = os.path.join(args.data, "water_dimer_1000.xyz")
     if os.path.exists(water):
-        targets = {
-            "mtt::dipole": {
-                "key": "mu",
-                "unit": "e*Bohr",
-                "type": {"cartesian": {"rank": 1}},
-            },
-            "mtt::polarizability": {
-                "key": "alpha",
-                "unit": "Bohr^3",
-                "type": {"cartesian": {"rank": 2}},
-            },
-        }
+        targets = WATER_TARGETS
         training = {
             "num_epochs": args.epochs_water,
             "batch_size": 16,
             "learning_rate": 5e-4,
         }
-        options = options_for(
-            water, targets, split(1000, 700, 100), copy.deepcopy(model), training
-        )
+        options = options_for(water, targets, split(1000, 700, 100), MODEL, training)
         result, minutes = run("water", options)
         for key in ("mtt::dipole", "mtt::polarizability"):
             rows.append(
@@ -123,15 +128,13 @@ def main() -> None:
 
     methane = os.path.join(args.data, "methane_100.xyz")
     if os.path.exists(methane):
-        targets = {"energy": {"key": "energy", "unit": "eV"}}
+        targets = METHANE_TARGETS
         training = {
             "num_epochs": args.epochs_methane,
             "batch_size": 8,
             "learning_rate": 5e-4,
         }
-        options = options_for(
-            methane, targets, split(100, 70, 10), copy.deepcopy(model), training
-        )
+        options = options_for(methane, targets, split(100, 70, 10), MODEL, training)
         result, minutes = run("methane", options)
         for key in ("energy/per_atom", "energy/forces"):
             rows.append(

@@ -15,7 +15,6 @@ from symatomic.data.batch import collate
 from symatomic.data.targets import parse_target_options
 from symatomic.ecse import ECSEFrames, check_ecse_options
 from symatomic.model import SymatomicModel
-from symatomic.neighbors import pair_vectors
 from symatomic.symmetrize import symmetrize_model
 from symatomic.train.losses import predict_batch
 
@@ -343,14 +342,7 @@ def test_frames_rotate_with_the_structure():
         structure = structure_from_atoms(a, "x")
         compute_neighbors(structure, 3.5)
         n = len(structure)
-        vectors = pair_vectors(
-            structure.positions,
-            structure.cell.unsqueeze(0),
-            torch.zeros(n, dtype=torch.long),
-            structure.centers,
-            structure.neighbors,
-            structure.cell_shifts,
-        )
+        vectors = structure.pair_vectors()
         return frames(structure.centers, vectors, n, torch.arange(n), n)
 
     first = compute(atoms)

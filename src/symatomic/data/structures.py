@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import vesin
 
-from ..neighbors import reverse_pair_index, sort_pairs
+from ..neighbors import pair_vectors, reverse_pair_index, sort_pairs
 
 __all__ = ["Structure", "read_frames", "structure_from_atoms", "compute_neighbors"]
 
@@ -52,6 +52,19 @@ class Structure:
 
     def __len__(self) -> int:
         return int(self.types.shape[0])
+
+    def pair_vectors(self) -> torch.Tensor:
+        """``(n_pairs, 3)`` vectors ``r_j - r_i + S @ cell`` of the neighbor list."""
+        if self.centers is None or self.neighbors is None or self.cell_shifts is None:
+            raise ValueError(f"{self.source}: no neighbor list (compute_neighbors)")
+        return pair_vectors(
+            self.positions,
+            self.cell.unsqueeze(0),
+            torch.zeros(len(self), dtype=torch.long),
+            self.centers,
+            self.neighbors,
+            self.cell_shifts,
+        )
 
 
 _FRAME_CACHE: Dict[tuple, List[ase.Atoms]] = {}
