@@ -316,7 +316,7 @@ def test_degenerate_structures_are_finite(mode):
 
 def test_local_ecse_is_local():
     """A per-atom prediction does not change when atoms beyond the interaction range
-    (num_gnn_layers x cutoff) are added or moved."""
+    ((num_gnn_layers + 1) x cutoff) are added or moved."""
     model = _model({"mode": "local"})
     rng = np.random.default_rng(5)
     core = _random_molecule(rng, 5)

@@ -130,7 +130,7 @@ def test_export_load_same_predictions(tmp_path):
     model.export().save(path)
     loaded = load_atomistic_model(path)
     capabilities = loaded.capabilities()
-    assert capabilities.interaction_range == pytest.approx(2 * TINY_MODEL["cutoff"])
+    assert capabilities.interaction_range == pytest.approx(3 * TINY_MODEL["cutoff"])
     assert capabilities.dtype == "float64"
     assert capabilities.atomic_types == [1, 6, 8]
     predictions = symatomic.io.predict(loaded, frames, forces=False)

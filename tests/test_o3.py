@@ -229,3 +229,39 @@ def test_wigner_d_small_orders_script(max_lambda):
     ).matrices
     matrices = wigner(rotation)
     assert [m.shape[1] for m in matrices] == [2 * i + 1 for i in range(max_lambda + 1)]
+
+
+def test_solid_harmonics_match_sphericart():
+    """Pure-torch solid harmonics equal sphericart's (values and gradients), and
+    rotate with our Wigner-D matrices."""
+    import sphericart.torch
+
+    from symatomic.o3 import SolidHarmonics
+
+    max_lambda = 7
+    vectors = torch.randn(40, 3, dtype=torch.float64) * 1.5
+    vectors.requires_grad_(True)
+    ours = SolidHarmonics(max_lambda)(vectors)
+    reference = sphericart.torch.SolidHarmonics(max_lambda)(vectors)
+    for o3_lambda, values in enumerate(ours):
+        expected = reference[:, o3_lambda**2 : (o3_lambda + 1) ** 2]
+        scale = expected.abs().max()
+        assert (values - expected).abs().max() < 1e-13 * scale
+        if o3_lambda == 0:
+            continue  # constant
+        (ours_grad,) = torch.autograd.grad(values.sum(), vectors, retain_graph=True)
+        (expected_grad,) = torch.autograd.grad(
+            expected.sum(), vectors, retain_graph=True
+        )
+        assert (ours_grad - expected_grad).abs().max() < 1e-12 * (
+            1 + expected_grad.abs().max()
+        )
+
+    rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+    rotation = rotation * torch.sign(torch.linalg.det(rotation))
+    rotated = SolidHarmonics(max_lambda)(vectors.detach() @ rotation.T)
+    wigner = WignerD(max_lambda)(rotation.unsqueeze(0))
+    for o3_lambda in range(max_lambda + 1):
+        expected = ours[o3_lambda].detach() @ wigner[o3_lambda][0].T
+        assert torch.allclose(rotated[o3_lambda], expected, rtol=1e-12, atol=1e-10)
+    assert len(torch.jit.script(SolidHarmonics(3))(vectors.detach())) == 4

@@ -184,7 +184,13 @@ class SymatomicModel(torch.nn.Module):
         self.target_specs: Dict[str, TargetSpec] = dict(targets)
         self.length_unit = length_unit
         self.cutoff = float(self.hypers["cutoff"])
-        self.interaction_range = float(self.hypers["num_gnn_layers"]) * self.cutoff
+        # every GNN layer reaches one cutoff further, and the features the heads read
+        # combine each edge i → j with its reverse j → i once more after the last
+        # layer (j's environment): (num_gnn_layers + 1) × cutoff, checked by the
+        # domain-decomposition test in tests/test_engines.py
+        self.interaction_range = (
+            float(self.hypers["num_gnn_layers"]) + 1.0
+        ) * self.cutoff
 
         type_to_index = torch.full((max(self.atomic_types) + 1,), -1, dtype=torch.long)
         for index, atomic_type in enumerate(self.atomic_types):
@@ -365,7 +371,14 @@ class SymatomicModel(torch.nn.Module):
             centers.append(samples[:, 0] + offset)
             neighbors.append(samples[:, 1] + offset)
             shifts.append(samples[:, 2:5])
-            vectors.append(pairs.values.reshape(-1, 3))
+            # r_j - r_i + S·cell from the positions (not the list's stored vectors),
+            # so that gradients do not depend on how the list's values were built
+            # (they may belong to an autograd graph already used and freed)
+            vectors.append(
+                system.positions.index_select(0, samples[:, 1])
+                - system.positions.index_select(0, samples[:, 0])
+                + samples[:, 2:5].to(system.positions.dtype) @ system.cell
+            )
             offset += n_atoms
         all_types = torch.cat(types)
         species = self.species_index(all_types)

@@ -18,6 +18,7 @@ Wigner-D matrices (this is tested).
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -333,3 +334,64 @@ class WignerD(torch.nn.Module):
             previous = torch.einsum("nmcd,cdk->nmk", both, c)
             result.append(previous)
         return result
+
+
+class SolidHarmonics(torch.nn.Module):
+    """Real solid harmonics ``r^λ Y^λ_μ(r̂)``, differentiable and scriptable.
+
+    Same functions, normalization and signs as sphericart's ``SolidHarmonics`` and
+    metatomic's real spherical harmonics (``Y^λ`` orthonormal on the sphere, λ = 1 in
+    ``(y, z, x)`` order; tested against sphericart). Built by the coupling recursion
+    ``S^λ ∝ [S^{λ-1} ⊗ S^1]_λ`` with the real Clebsch–Gordan coefficients of
+    :func:`real_clebsch_gordan`: plain torch, so exported models need no extension.
+    They are homogeneous polynomials of the Cartesian components: smooth everywhere,
+    zero at ``r = 0`` for λ ≥ 1.
+
+    :param max_lambda: largest ``o3_lambda``
+    """
+
+    couplings: List[torch.Tensor]
+    scales: List[float]
+
+    def __init__(self, max_lambda: int):
+        super().__init__()
+        if max_lambda < 0:
+            raise ValueError(f"max_lambda must be non-negative, got {max_lambda}")
+        self.max_lambda = int(max_lambda)
+        self.vector_to_spherical = torch.tensor(
+            _VECTOR_TO_SPHERICAL, dtype=torch.float64
+        )
+        couplings: List[torch.Tensor] = []
+        for o3_lambda in range(2, self.max_lambda + 1):
+            couplings.append(
+                torch.tensor(real_clebsch_gordan(o3_lambda - 1, 1, o3_lambda))
+            )
+        self.couplings = couplings
+        # the recursion gives S^λ up to one factor per λ: fix it with Y^λ_0(ẑ), which
+        # is +sqrt((2λ+1)/4π) in every convention
+        self.scales = [1.0] * (self.max_lambda + 1)
+        unscaled = self.forward(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))
+        for o3_lambda, values in enumerate(unscaled):
+            target = math.sqrt((2 * o3_lambda + 1) / (4 * math.pi))
+            self.scales[o3_lambda] = target / float(values[0, o3_lambda])
+
+    def forward(self, vectors: torch.Tensor) -> List[torch.Tensor]:
+        """
+        :param vectors: ``(n, 3)`` Cartesian vectors ``(x, y, z)``
+        :return: ``max_lambda + 1`` tensors ``(n, 2λ+1)``, ``μ = -λ … λ``
+        """
+        n = vectors.shape[0]
+        dtype = vectors.dtype
+        device = vectors.device
+        first = torch.matmul(
+            vectors, self.vector_to_spherical.to(dtype=dtype, device=device).T
+        )  # (n, 3) in (y, z, x) order
+        unscaled: List[torch.Tensor] = [torch.ones(n, 1, dtype=dtype, device=device)]
+        if self.max_lambda >= 1:
+            unscaled.append(first)
+        previous = first
+        for coupling in self.couplings:
+            c = coupling.to(dtype=dtype, device=device)
+            previous = torch.einsum("na,nb,abm->nm", previous, first, c)
+            unscaled.append(previous)
+        return [values * self.scales[i] for i, values in enumerate(unscaled)]
