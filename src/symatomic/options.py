@@ -14,7 +14,14 @@ import yaml
 
 from .model import check_model_hypers
 
-__all__ = ["load_options", "check_options", "TRAINING_DEFAULT_HYPERS"]
+__all__ = [
+    "ARCHITECTURE_NAMES",
+    "TRAINING_DEFAULT_HYPERS",
+    "apply_metatrain_loss",
+    "check_options",
+    "check_training_hypers",
+    "load_options",
+]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +61,13 @@ _TRAINING_TYPES = {
     "log_interval": int,
     "validation_interval": int,
     "finetune": dict,
+    "loss": (str, dict),
 }
+
+#: accepted values of ``architecture.name``: ours, and the name under which
+#: :func:`symatomic.mtt.register` makes the architecture known to metatrain, so that
+#: the same options file works with ``symatomic train`` and ``mtt train``
+ARCHITECTURE_NAMES = {"pet", "symatomic.pet", "symatomic", "experimental.symatomic"}
 
 _TOP_LEVEL = {
     "architecture",
@@ -117,6 +130,28 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
         )
     if "training_set" not in options:
         raise ValueError("the options file needs a 'training_set' section")
+    for section in ("training_set", "validation_set", "test_set"):
+        value = options.get(section)
+        if isinstance(value, list):
+            # metatrain's expanded form: a list of data sets; one is the same thing
+            if len(value) != 1:
+                raise ValueError(
+                    f"{section}: lists of {len(value)} data sets are not supported by "
+                    "symatomic; merge the files into one"
+                )
+            options[section] = value[0]
+    for flag in ("print_stats", "final_eval"):
+        if flag in options and not (
+            isinstance(options[flag], bool)
+            or (flag == "print_stats" and options[flag] == "auto")
+        ):
+            raise ValueError(
+                f"{flag} must be true or false"
+                + (" or 'auto'" if flag == "print_stats" else "")
+                + f", got {options[flag]!r}"
+            )
+    if options.get("wandb") is not None and not isinstance(options["wandb"], dict):
+        raise ValueError(f"wandb must be a mapping, got {options['wandb']!r}")
     if options.get("wandb"):
         LOGGER.warning("'wandb' logging is not supported by symatomic; ignoring it")
 
@@ -127,10 +162,11 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f"architecture: unknown option(s) {sorted(unknown)}")
     name = architecture.get("name", "pet")
-    if name not in ("pet", "symatomic.pet"):
+    if name not in ARCHITECTURE_NAMES:
         raise ValueError(
             f"architecture.name '{name}' is not a symatomic architecture; use 'pet' "
-            "(a metatrain options file needs its architecture section replaced)"
+            f"(or its aliases {sorted(ARCHITECTURE_NAMES - {'pet'})}); a metatrain "
+            "options file needs its architecture section replaced"
         )
     architecture["name"] = "pet"
     architecture["model"] = check_model_hypers(architecture.get("model") or {})
@@ -146,12 +182,19 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
     options["architecture"] = architecture
 
     precision = options.get("base_precision", 32)
-    if precision not in (32, 64):
-        raise ValueError(f"base_precision must be 32 or 64, got {precision!r}")
+    if precision not in (32, 64) or isinstance(precision, bool):
+        raise ValueError(
+            f"base_precision must be 32 or 64, got {precision!r} (16 is not "
+            "supported by symatomic)"
+        )
     options["base_precision"] = precision
     device = options.get("device", "cpu")
     if device not in ("cpu", "cuda", "gpu"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(
+            f"device must be 'cpu', 'cuda' or 'gpu', got {device!r} (for several "
+            "GPUs, run 'torchrun --nproc_per_node=N -m symatomic train' with "
+            "device: cuda)"
+        )
     options["device"] = "cuda" if device == "gpu" else device
     seed = options.get("seed", 0)
     if not isinstance(seed, int) or seed < 0:
@@ -174,6 +217,8 @@ def check_training_hypers(
 ) -> Dict[str, Any]:
     """Validate ``architecture.training`` and fill its defaults."""
     result = copy.deepcopy(TRAINING_DEFAULT_HYPERS)
+    hypers = dict(hypers)
+    loss = hypers.pop("loss", None)
     for name, value in hypers.items():
         if name not in _TRAINING_TYPES:
             raise ValueError(
@@ -193,8 +238,12 @@ def check_training_hypers(
                 f"{where}.{name} must be a {expected.__name__}, got {value!r}"
             )
         result[name] = value
+    if result["num_epochs"] < 0:
+        raise ValueError(
+            f"{where}.num_epochs must not be negative (0 fits the baselines and "
+            "scales only)"
+        )
     for name in (
-        "num_epochs",
         "batch_size",
         "checkpoint_interval",
         "log_interval",
@@ -211,12 +260,128 @@ def check_training_hypers(
     finetune = result["finetune"]
     unknown = set(finetune) - {"read_from"}
     if unknown:
-        raise ValueError(f"{where}.finetune: unknown option(s) {sorted(unknown)}")
-    if finetune and not isinstance(finetune.get("read_from"), str):
+        raise ValueError(
+            f"{where}.finetune: unknown option(s) {sorted(unknown)}; symatomic only "
+            "supports 'read_from' (full fine-tuning from a checkpoint)"
+        )
+    if finetune.get("read_from") is None:
+        result["finetune"] = {}  # metatrain's spelling of "no fine-tuning"
+    elif not isinstance(finetune["read_from"], str):
         raise ValueError(f"{where}.finetune.read_from must be the path of a checkpoint")
     for name, weight in result["loss_weights"].items():
         if not isinstance(weight, (int, float)) or weight < 0:
             raise ValueError(
                 f"{where}.loss_weights.{name} must be a non-negative number"
             )
+    if loss is not None:
+        apply_metatrain_loss(result, loss, where + ".loss")
     return result
+
+
+def apply_metatrain_loss(
+    hypers: Dict[str, Any], loss: Any, where: str = "architecture.training.loss"
+) -> None:
+    """Honour metatrain's ``loss`` section by setting ``loss_weights``,
+    ``forces_weight`` and ``stress_weight`` of checked training ``hypers``.
+
+    Our loss is a weighted sum of mean squared errors (normalised per target, see
+    the options documentation), so only ``type: mse`` with ``reduction: mean`` is
+    accepted. A target's ``weight`` multiplies its ``loss_weights`` entry, and the
+    ``weight`` of its ``positions`` (``forces``) and ``strain`` (``stress`` or
+    ``virial``) gradients multiply ``forces_weight`` and ``stress_weight``, which are
+    shared by all energy targets. Weights multiply, so metatrain's default loss
+    (every weight 1) changes nothing.
+
+    :param hypers: checked ``architecture.training`` options, changed in place
+    :param loss: ``"mse"`` or a mapping from target names to ``"mse"`` or
+        ``{type, weight, reduction, gradients | forces | stress | virial}``
+    :param where: location of the section, for error messages
+    """
+    if isinstance(loss, str):
+        _check_loss_type(loss, where)
+        return
+    if not isinstance(loss, dict):
+        raise ValueError(f"{where} must be 'mse' or a mapping of target names")
+    gradient_weights: Dict[str, Dict[str, float]] = {"forces": {}, "stress": {}}
+    for target, spec in loss.items():
+        here = f"{where}.{target}"
+        if isinstance(spec, str):
+            _check_loss_type(spec, here)
+            continue
+        if not isinstance(spec, dict):
+            raise ValueError(f"{here} must be a loss type or a mapping")
+        unknown = set(spec) - {
+            "type",
+            "weight",
+            "reduction",
+            "gradients",
+            "forces",
+            "stress",
+            "virial",
+        }
+        if unknown:
+            raise ValueError(f"{here}: unknown option(s) {sorted(unknown)}")
+        _check_loss_term(spec, here)
+        if "weight" in spec:
+            previous = float(hypers["loss_weights"].get(str(target), 1.0))
+            hypers["loss_weights"][str(target)] = previous * float(spec["weight"])
+        gradients = dict(spec.get("gradients") or {})
+        for short, full in (("forces", "positions"), ("stress", "strain")):
+            if short in spec:
+                gradients[full] = spec[short]
+        if "virial" in spec:
+            gradients["strain"] = spec["virial"]
+        for gradient, term in gradients.items():
+            if gradient not in ("positions", "strain"):
+                raise ValueError(
+                    f"{here}.gradients: unknown gradient '{gradient}' (positions or "
+                    "strain)"
+                )
+            if isinstance(term, str):
+                _check_loss_type(term, f"{here}.gradients.{gradient}")
+                continue
+            if not isinstance(term, dict):
+                raise ValueError(f"{here}.gradients.{gradient} must be a mapping")
+            _check_loss_term(term, f"{here}.gradients.{gradient}")
+            if "weight" in term:
+                key = "forces" if gradient == "positions" else "stress"
+                gradient_weights[key][str(target)] = float(term["weight"])
+    for key, per_target in gradient_weights.items():
+        values = set(per_target.values())
+        if len(values) > 1:
+            raise ValueError(
+                f"{where}: different {key} weights per target {per_target} are not "
+                f"supported; symatomic has one {key}_weight for all energies"
+            )
+        if values:
+            hypers[f"{key}_weight"] = float(hypers[f"{key}_weight"]) * values.pop()
+
+
+def _check_loss_type(loss_type: Any, where: str) -> None:
+    if loss_type != "mse":
+        raise ValueError(
+            f"{where}: loss type {loss_type!r} is not supported by symatomic (only "
+            "'mse', the normalised mean squared error)"
+        )
+
+
+def _check_loss_term(term: Dict[str, Any], where: str) -> None:
+    _check_loss_type(term.get("type", "mse"), where + ".type")
+    if term.get("reduction", "mean") != "mean":
+        raise ValueError(
+            f"{where}.reduction {term['reduction']!r} is not supported (only 'mean')"
+        )
+    weight = term.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"{where}.weight must be a non-negative number")
+    unknown = set(term) - {
+        "type",
+        "weight",
+        "reduction",
+        "gradients",
+        "forces",
+        "stress",
+        "virial",
+    }
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {sorted(unknown)}")

@@ -144,8 +144,12 @@ class TargetSpec:
             raise ValueError(f"target '{self.name}' is not a Cartesian target")
         self.symmetric = bool(symmetric) and self.rank > 1
         self.blocks = []
-        for block in self.decomposition().blocks:
-            if block.multiplicity == 1:
+        decomposition = self.decomposition().blocks
+        # all blocks of a TensorMap need the same property names: "copy" for all
+        # as soon as one irrep appears several times (rank 3, not symmetric)
+        with_copies = any(block.multiplicity > 1 for block in decomposition)
+        for block in decomposition:
+            if not with_copies:
                 names = ["n"]
                 values = [[i] for i in range(self.num_subtargets)]
             else:

@@ -143,6 +143,11 @@ class Trainer:
     :param progress: show progress bars
     """
 
+    #: the outcome of the last :meth:`run`
+    result: TrainingResult
+    #: the targets trained on (those of the data)
+    specs: Dict[str, TargetSpec]
+
     def __init__(
         self,
         options: Dict[str, Any],
@@ -244,8 +249,35 @@ class Trainer:
             f"; new heads for {fresh}" if fresh else "",
         )
 
-    def run(self) -> TrainingResult:
-        checkpoint = load_checkpoint(self.restart) if self.restart else None
+    def run(
+        self,
+        data: Optional[DataSets] = None,
+        checkpoint: Optional[Dict[str, Any]] = None,
+    ) -> TrainingResult:
+        """Train (or resume) and return what the run produced.
+
+        :param data: data sets to train on; by default they are read as the options
+            describe
+        :param checkpoint: the training state to resume from (the keys written by this
+            trainer); by default the ``restart`` checkpoint, if any
+        """
+        if checkpoint is None and self.restart:
+            checkpoint = load_checkpoint(self.restart)
+        if data is None:
+            data = self._load_data(checkpoint)
+        self.data = data
+        self._log(
+            "data: %d training, %d validation, %d test structures; atomic types %s",
+            len(data.train),
+            len(data.validation),
+            len(data.test),
+            data.atomic_types,
+        )
+        self._train(data, checkpoint)
+        return self.result
+
+    def _load_data(self, checkpoint: Optional[Dict[str, Any]]) -> DataSets:
+        """Read the data sets of the options (with the targets of ``checkpoint``)."""
         if checkpoint is not None:
             if checkpoint.get("options") is not None:
                 saved = checkpoint["options"]
@@ -271,14 +303,9 @@ class Trainer:
                 model_hypers["cutoff"],
                 atomic_types=self.options["architecture"].get("atomic_types"),
             )
-        self.data = data
-        self._log(
-            "data: %d training, %d validation, %d test structures; atomic types %s",
-            len(data.train),
-            len(data.validation),
-            len(data.test),
-            data.atomic_types,
-        )
+        return data
+
+    def _train(self, data: DataSets, checkpoint: Optional[Dict[str, Any]]) -> None:
         for name, spec in data.targets.items():
             gradients = [
                 g for g in ("forces", "stress") if getattr(spec, g) is not None
@@ -298,7 +325,15 @@ class Trainer:
             )
         self._setup_model(data, checkpoint)
         model = self.model
-        specs = model.target_specs
+        missing = sorted(set(data.targets) - set(model.target_specs))
+        if missing:
+            raise ValueError(
+                f"the data has target(s) {missing} that the model does not predict "
+                f"(it predicts {sorted(model.target_specs)})"
+            )
+        # the targets of the data (the model may predict more; forces and stress
+        # are trained where the data has them)
+        specs = self.specs = dict(data.targets)
         self._log(
             "model: PET, %d parameters, cutoff %.2f %s, interaction range %.2f %s",
             sum(p.numel() for p in model.parameters()),
@@ -333,6 +368,7 @@ class Trainer:
         )
 
         start_epoch = 0
+        checkpoint_data: Optional[Dict[str, Any]] = None
         best_metric = math.inf
         best_epoch = -1
         best_state = copy.deepcopy(model.state_dict())
@@ -350,11 +386,14 @@ class Trainer:
                     f"checkpoint '{self.restart}' already finished epoch {start_epoch} of "
                     f"{hypers['num_epochs']}: increase num_epochs to train further"
                 )
-            self._log("resuming from epoch %d of %s", start_epoch, self.restart)
+            self._log(
+                "resuming from epoch %d of %s",
+                start_epoch,
+                self.restart or "the given training state",
+            )
 
         if self.context.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
-        last_path = os.path.join(self.output_dir, "last.ckpt")
         best_path = os.path.join(self.output_dir, "model.ckpt")
         weights = {name: float(hypers["loss_weights"].get(name, 1.0)) for name in specs}
         unknown = set(hypers["loss_weights"]) - set(specs)
@@ -469,16 +508,7 @@ class Trainer:
                 "history": history,
             }
             if self.context.is_main:
-                save_checkpoint(checkpoint_data, last_path)
-                if (epoch + 1) % hypers["checkpoint_interval"] == 0:
-                    save_checkpoint(
-                        checkpoint_data,
-                        os.path.join(
-                            self.output_dir, "checkpoints", f"epoch-{epoch + 1}.ckpt"
-                        ),
-                    )
-                if best_epoch == epoch:
-                    save_checkpoint(checkpoint_data, best_path)
+                self._save_epoch(checkpoint_data, epoch, best_epoch == epoch)
             self.context.barrier()
 
         # final evaluation with the best model
@@ -494,14 +524,26 @@ class Trainer:
             if data.test
             else {}
         )
+        if checkpoint_data is None:  # no epoch to run: the fitted baselines only
+            checkpoint_data = {
+                "model_data": model.model_data(),
+                "model_state_dict": model.state_dict(),
+                "best_model_state_dict": best_state,
+                "best_epoch": best_epoch,
+                "best_metric": best_metric,
+                "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "epoch": start_epoch - 1,
+                "loss_scales": loss_scales,
+                "options": self.options,
+                "split_indices": data.indices,
+                "history": history,
+            }
         exported = None
         if self.context.is_main:
-            if not os.path.exists(best_path):
-                save_checkpoint(checkpoint_data, best_path)
-            exported = os.path.join(self.output_dir, "model.pt")
-            export_model(copy.deepcopy(model).to("cpu"), exported)
+            exported = self._finish(checkpoint_data)
         self.context.barrier()
-        return TrainingResult(
+        self.result = TrainingResult(
             output_dir=self.output_dir,
             checkpoint=best_path,
             exported_model=exported,
@@ -510,6 +552,34 @@ class Trainer:
             test_errors=test_errors,
             history=history,
         )
+
+    # ------------------------------------------------------------------ hooks
+    def _save_epoch(
+        self, checkpoint_data: Dict[str, Any], epoch: int, is_best: bool
+    ) -> None:
+        """Write the checkpoints of an epoch (main process only): ``last.ckpt``,
+        ``checkpoints/epoch-N.ckpt`` every ``checkpoint_interval`` epochs, and
+        ``model.ckpt`` when the epoch is the best so far."""
+        save_checkpoint(checkpoint_data, os.path.join(self.output_dir, "last.ckpt"))
+        if (epoch + 1) % self.hypers["checkpoint_interval"] == 0:
+            save_checkpoint(
+                checkpoint_data,
+                os.path.join(self.output_dir, "checkpoints", f"epoch-{epoch + 1}.ckpt"),
+            )
+        if is_best:
+            save_checkpoint(
+                checkpoint_data, os.path.join(self.output_dir, "model.ckpt")
+            )
+
+    def _finish(self, checkpoint_data: Dict[str, Any]) -> Optional[str]:
+        """After training (main process only): make sure ``model.ckpt`` exists and
+        export the (best) model to ``model.pt``; returns the exported file."""
+        best_path = os.path.join(self.output_dir, "model.ckpt")
+        if not os.path.exists(best_path):
+            save_checkpoint(checkpoint_data, best_path)
+        exported = os.path.join(self.output_dir, "model.pt")
+        export_model(copy.deepcopy(self.model).to("cpu"), exported)
+        return exported
 
     # ------------------------------------------------------------ internals
     def _train_step(
@@ -524,10 +594,10 @@ class Trainer:
         errors: ErrorAccumulator,
     ) -> float:
         model = self.model
-        specs = model.target_specs
+        specs = self.specs
         optimizer.zero_grad(set_to_none=False)
         generator = torch.Generator().manual_seed(
-            (self.options["seed"] * _MIX + epoch) * _MIX + step
+            ((self.options["seed"] * _MIX + epoch) * _MIX + step) % 2**63
         )
         local = self.context.shard(list(range(len(global_chunk))))
         global_batch_structures = [self.data.train[i] for i in global_chunk]

@@ -1,0 +1,149 @@
+"""
+symatomic (PET with optional exact O(3) symmetrization)
+=======================================================
+
+symatomic's PET backbone with one head per target, trained by symatomic's trainer
+and, with ``ecse: {mode: local}``, exactly O(3)-equivariant (every output, any
+``(o3_lambda, o3_sigma)``). This is symatomic's own architecture seen through
+metatrain's interfaces: after :func:`symatomic.mtt.register`, metatrain knows it as
+``experimental.symatomic``. The hyper-parameters are those of the ``architecture``
+section of ``symatomic train`` (see symatomic's options documentation); the same
+options file works with both tools.
+
+Cartesian targets are learned as their spherical blocks and returned as Cartesian
+tensors (metatrain's layout); rank-2 and rank-3 tensors keep every block, since
+metatrain describes targets without data.
+"""
+
+from typing import Literal, Optional, Union
+
+from typing_extensions import TypedDict
+
+from ..ecse import ECSE_DEFAULTS
+from ..options import TRAINING_DEFAULT_HYPERS
+from ..pet import PET_DEFAULT_HYPERS
+
+__all__ = ["ECSEHypers", "FinetuneHypers", "ModelHypers", "TrainerHypers"]
+
+
+class ECSEHypers(TypedDict):
+    """Exact O(3) symmetrization of PET by an ensemble of local frames (ECSE)."""
+
+    mode: Literal["none", "local"] = "none"
+    """``none``: plain PET, only approximately equivariant (trained with random
+    O(3) augmentation); ``local``: frames per atom inside PET, exactly
+    O(3)-equivariant and local."""
+    inversion: bool = True
+    """Also average over mirror images of the frames: O(3) rather than SO(3)."""
+    frame_layers: Optional[int] = None
+    """How many attention layers (counted through all GNN layers) run in every
+    frame; ``None``: all of them. Fewer is cheaper and still exact."""
+    beta: float = ECSE_DEFAULTS["beta"]
+    """Sharpness of the smooth minimum giving the adaptive inner cutoff
+    (1/length)."""
+    beta_weights: float = ECSE_DEFAULTS["beta_weights"]
+    """Sharpness of the smooth maximum of the frame weights."""
+    delta_r: float = ECSE_DEFAULTS["delta_r"]
+    """Width of the radial switching functions, added to the inner cutoff
+    (length)."""
+    w: float = ECSE_DEFAULTS["w"]
+    """Threshold of ``|r_j x r_k|^2`` (unit vectors) below which a pair of
+    neighbors counts as collinear."""
+    delta_w: float = ECSE_DEFAULTS["delta_w"]
+    """Width of that threshold (``0 < delta_w <= w``)."""
+    max_outer_cutoff: float = ECSE_DEFAULTS["max_outer_cutoff"]
+    """Upper bound of the outer cutoff of the frames, which is
+    ``min(cutoff, max_outer_cutoff)`` (length)."""
+    pruning_iterations: int = ECSE_DEFAULTS["pruning_iterations"]
+    """How many times frames with small weights are pruned."""
+    pruning_start: float = ECSE_DEFAULTS["pruning_start"]
+    """Frames with weights below this fraction of the largest are switched off
+    smoothly."""
+
+
+class ModelHypers(TypedDict):
+    """Hyper-parameters of the symatomic PET model."""
+
+    cutoff: float = PET_DEFAULT_HYPERS["cutoff"]
+    """Cutoff radius of the neighbor list (length unit of the data)."""
+    cutoff_width: float = PET_DEFAULT_HYPERS["cutoff_width"]
+    """Width of the smooth switching function below the cutoff."""
+    d_pet: int = PET_DEFAULT_HYPERS["d_pet"]
+    """Width of the edge tokens (must be divisible by ``num_heads``)."""
+    d_head: int = PET_DEFAULT_HYPERS["d_head"]
+    """Width of the hidden layers of the output heads."""
+    d_node: int = PET_DEFAULT_HYPERS["d_node"]
+    """Width of the node features read by the heads."""
+    d_feedforward: int = PET_DEFAULT_HYPERS["d_feedforward"]
+    """Width of the feed-forward layers of the transformer."""
+    num_heads: int = PET_DEFAULT_HYPERS["num_heads"]
+    """Attention heads per attention layer."""
+    num_attention_layers: int = PET_DEFAULT_HYPERS["num_attention_layers"]
+    """Attention layers in every GNN layer."""
+    num_gnn_layers: int = PET_DEFAULT_HYPERS["num_gnn_layers"]
+    """Message-passing (GNN) layers; the interaction range is
+    ``num_gnn_layers * cutoff``."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = PET_DEFAULT_HYPERS["normalization"]
+    """Normalization of the (pre-layer-norm) transformer."""
+    activation: Literal["SwiGLU", "SiLU"] = PET_DEFAULT_HYPERS["activation"]
+    """Activation of the feed-forward layers."""
+    ecse: ECSEHypers = {
+        "mode": "none",
+        "inversion": True,
+        "frame_layers": None,
+        **ECSE_DEFAULTS,
+    }
+    """Exact O(3) symmetrization (ECSE); ``{mode: local}`` makes every output
+    exactly O(3)-equivariant."""
+
+
+class FinetuneHypers(TypedDict):
+    """Fine-tuning: start from the weights of a checkpoint."""
+
+    read_from: Optional[str] = None
+    """Checkpoint to start from (with ``mtt train``, a checkpoint of this
+    architecture written by metatrain; with ``symatomic train``, a symatomic
+    checkpoint); ``None``: no fine-tuning."""
+
+
+class TrainerHypers(TypedDict):
+    """Hyper-parameters of symatomic's trainer (AdamW, warm-up and cosine decay)."""
+
+    num_epochs: int = TRAINING_DEFAULT_HYPERS["num_epochs"]
+    """Number of epochs; 0 only fits the baselines and scales."""
+    batch_size: int = TRAINING_DEFAULT_HYPERS["batch_size"]
+    """Structures per optimizer step."""
+    learning_rate: float = TRAINING_DEFAULT_HYPERS["learning_rate"]
+    """Peak learning rate of AdamW."""
+    weight_decay: float = TRAINING_DEFAULT_HYPERS["weight_decay"]
+    """AdamW's weight decay."""
+    warmup_fraction: float = TRAINING_DEFAULT_HYPERS["warmup_fraction"]
+    """Fraction of all optimizer steps spent in linear warm-up, in [0, 1)."""
+    scheduler: Literal["cosine", "constant"] = TRAINING_DEFAULT_HYPERS["scheduler"]
+    """Learning-rate schedule after the warm-up."""
+    min_learning_rate_ratio: float = TRAINING_DEFAULT_HYPERS["min_learning_rate_ratio"]
+    """Final learning rate of the cosine schedule, relative to ``learning_rate``."""
+    grad_clip_norm: float = TRAINING_DEFAULT_HYPERS["grad_clip_norm"]
+    """Clips the total gradient norm to this value; 0 disables clipping."""
+    augmentation: Union[bool, Literal["auto"]] = TRAINING_DEFAULT_HYPERS["augmentation"]
+    """Random O(3) operation for every training structure at every step;
+    ``auto``: on without ECSE, off with it."""
+    loss_weights: dict[str, float] = {}
+    """Target name to weight of its loss term (default 1)."""
+    forces_weight: float = TRAINING_DEFAULT_HYPERS["forces_weight"]
+    """Weight of the force term of every energy trained with forces."""
+    stress_weight: float = TRAINING_DEFAULT_HYPERS["stress_weight"]
+    """Weight of the stress (or virial) term."""
+    checkpoint_interval: int = TRAINING_DEFAULT_HYPERS["checkpoint_interval"]
+    """Writes a checkpoint every this many epochs."""
+    log_interval: int = TRAINING_DEFAULT_HYPERS["log_interval"]
+    """Logs a line every this many epochs."""
+    validation_interval: int = TRAINING_DEFAULT_HYPERS["validation_interval"]
+    """Evaluates the validation set every this many epochs; only these epochs
+    can become the best epoch (lowest validation loss)."""
+    finetune: FinetuneHypers = {"read_from": None}
+    """Fine-tuning from a checkpoint (full fine-tuning only)."""
+    loss: Union[str, dict[str, Union[str, dict]]] = "mse"
+    """metatrain's loss section. Only ``mse`` with ``reduction: mean`` is
+    supported: the weights of a target and of its gradients multiply
+    ``loss_weights``, ``forces_weight`` and ``stress_weight``."""
