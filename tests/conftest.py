@@ -126,3 +126,53 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def predict_structure(model, atoms: ase.Atoms, specs: dict):
+    """``predict_batch`` of ``model`` (float64) on one ASE structure: blocks, forces
+    and stress."""
+    from symatomic.data import compute_neighbors, structure_from_atoms
+    from symatomic.data.batch import collate
+    from symatomic.train.losses import predict_batch
+
+    structure = structure_from_atoms(atoms, "test")
+    compute_neighbors(structure, model.cutoff)
+    batch = collate([structure], torch.float64)
+    return predict_batch(model, batch, specs)
+
+
+def transform_atoms(atoms: ase.Atoms, rotation: np.ndarray, permutation) -> ase.Atoms:
+    """``atoms`` with positions (and cell) multiplied by ``rotation`` (3×3, possibly
+    improper) and atoms reordered by ``permutation``."""
+    result = atoms.copy()
+    result.positions = atoms.positions @ rotation.T
+    if atoms.pbc.any():
+        result.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+    return result[permutation]
+
+
+def random_operation(seed: int, improper: bool, max_lambda: int = 4):
+    """A random rotation (times -1 when ``improper``) and the Wigner-D matrices of its
+    proper part for λ = 0 … ``max_lambda`` (from metatomic)."""
+    from metatomic.torch.o3 import random_transformations
+
+    generator = torch.Generator().manual_seed(seed)
+    transformation = random_transformations(
+        1,
+        max_lambda,
+        device=torch.device("cpu"),
+        dtype=torch.float64,
+        generator=generator,
+    )
+    rotation = transformation.matrices[0]
+    if improper:
+        rotation = -rotation
+    wigner = [transformation.wigner_D_matrices(lam)[0] for lam in range(max_lambda + 1)]
+    return rotation, wigner
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to the largest entry of either."""
+    a, b = a.detach(), b.detach()
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
+    return float((a - b).abs().max()) / scale

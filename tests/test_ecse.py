@@ -6,17 +6,20 @@ import ase
 import numpy as np
 import pytest
 import torch
-from metatomic.torch.o3 import random_transformations
 
 import symatomic.io
-from conftest import TINY_MODEL
+from conftest import (
+    TINY_MODEL,
+    predict_structure,
+    random_operation,
+    relative_error,
+    transform_atoms,
+)
 from symatomic.data import compute_neighbors, structure_from_atoms
-from symatomic.data.batch import collate
 from symatomic.data.targets import parse_target_options
 from symatomic.ecse import ECSEFrames, check_ecse_options
 from symatomic.model import SymatomicModel
 from symatomic.symmetrize import symmetrize_model
-from symatomic.train.losses import predict_batch
 
 IRREPS = [{"o3_lambda": lam, "o3_sigma": s} for lam in range(5) for s in (1, -1)]
 TYPES = [1, 6, 8]
@@ -66,54 +69,21 @@ def _random_crystal(rng):
     )
 
 
-def _predict(model, atoms, specs):
-    structure = structure_from_atoms(atoms, "test")
-    compute_neighbors(structure, model.cutoff)
-    batch = collate([structure], torch.float64)
-    return predict_batch(model, batch, specs)
-
-
-def _transform(atoms, rotation, permutation):
-    result = atoms.copy()
-    result.positions = atoms.positions @ rotation.T
-    if atoms.pbc.any():
-        result.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-    return result[permutation]
-
-
-def _random_operation(seed, improper):
-    generator = torch.Generator().manual_seed(seed)
-    transformation = random_transformations(
-        1, 4, device=torch.device("cpu"), dtype=torch.float64, generator=generator
-    )
-    rotation = transformation.matrices[0]
-    if improper:
-        rotation = -rotation
-    wigner = [transformation.wigner_D_matrices(lam)[0] for lam in range(5)]
-    return rotation, wigner
-
-
-def _relative(a, b):
-    a, b = a.detach(), b.detach()
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
-    return float((a - b).abs().max()) / scale
-
-
 def _check_equivariance(predict, atoms, specs, seed, improper, periodic):
     rng = np.random.default_rng(seed)
-    rotation, wigner = _random_operation(seed, improper)
+    rotation, wigner = random_operation(seed, improper)
     permutation = rng.permutation(len(atoms))
     blocks, forces, stress = predict(atoms)
     new_blocks, new_forces, new_stress = predict(
-        _transform(atoms, rotation.numpy(), permutation)
+        transform_atoms(atoms, rotation.numpy(), permutation)
     )
     errors = {}
-    errors["energy"] = _relative(blocks["energy"][0], new_blocks["energy"][0])
-    errors["forces"] = _relative(
+    errors["energy"] = relative_error(blocks["energy"][0], new_blocks["energy"][0])
+    errors["forces"] = relative_error(
         (forces["energy"] @ rotation.T)[permutation], new_forces["energy"]
     )
     if periodic:
-        errors["stress"] = _relative(
+        errors["stress"] = relative_error(
             rotation @ stress["energy"][0] @ rotation.T, new_stress["energy"][0]
         )
     for name in ("mtt::tensor", "mtt::atomic"):
@@ -125,7 +95,7 @@ def _check_equivariance(predict, atoms, specs, seed, improper, periodic):
             if name == "mtt::atomic":
                 expected = expected[permutation]
             key = f"{name} λ={block.o3_lambda} σ={block.o3_sigma}"
-            errors[key] = _relative(expected, new)
+            errors[key] = relative_error(expected, new)
             assert float(old.abs().max()) > 1e-8, f"{key} is trivially zero"
     return errors
 
@@ -140,7 +110,7 @@ def test_local_ecse_is_exactly_equivariant(frame_layers, periodic):
         atoms = _random_crystal(rng) if periodic else _random_molecule(rng)
         seed = int(rng.integers(2**30))
         errors = _check_equivariance(
-            lambda a: _predict(model, a, specs),
+            lambda a: predict_structure(model, a, specs),
             atoms,
             specs,
             seed,
@@ -157,7 +127,7 @@ def test_unsymmetrized_pet_is_not_equivariant():
     model = _model({"mode": "none"})
     atoms = _random_molecule(np.random.default_rng(0))
     errors = _check_equivariance(
-        lambda a: _predict(model, a, specs), atoms, specs, 3, True, False
+        lambda a: predict_structure(model, a, specs), atoms, specs, 3, True, False
     )
     assert errors["energy"] > 1e-6 and errors["mtt::tensor λ=2 σ=1"] > 1e-3
 
@@ -193,7 +163,7 @@ def test_global_ecse_is_exactly_equivariant(periodic):
 
 def _energy_and_forces(model, atoms):
     specs = {"energy": model.target_specs["energy"]}
-    blocks, forces, _ = _predict(model, atoms, specs)
+    blocks, forces, _ = predict_structure(model, atoms, specs)
     return float(blocks["energy"][0].sum().detach()), forces["energy"].detach().numpy()
 
 
@@ -294,17 +264,19 @@ def test_degenerate_structures_are_finite(mode):
     if mode == "local":
         model = _model({"mode": "local"})
         for name, atoms in structures.items():
-            rotation, _ = _random_operation(7, False)
-            blocks, forces, _ = _predict(model, atoms, model.target_specs)
+            rotation, _ = random_operation(7, False)
+            blocks, forces, _ = predict_structure(model, atoms, model.target_specs)
             assert all(torch.isfinite(b).all() for b in blocks["mtt::tensor"]), name
             assert torch.isfinite(forces["energy"]).all(), name
             # degenerate environments use the invariant fallback: still invariant
-            rotated = _predict(
+            rotated = predict_structure(
                 model,
-                _transform(atoms, rotation.numpy(), np.arange(len(atoms))),
+                transform_atoms(atoms, rotation.numpy(), np.arange(len(atoms))),
                 model.target_specs,
             )
-            assert _relative(blocks["energy"][0], rotated[0]["energy"][0]) < 1e-10, name
+            assert (
+                relative_error(blocks["energy"][0], rotated[0]["energy"][0]) < 1e-10
+            ), name
     else:
         symmetrized = symmetrize_model(_model({"mode": "none"}).export(), max_lambda=4)
         for name, atoms in structures.items():
@@ -323,14 +295,16 @@ def test_local_ecse_is_local():
     far = _random_molecule(rng, 4)
     far.positions += np.array([2 * model.cutoff + 6.0, 0, 0]) + core.positions.max(0)
     specs = {"mtt::atomic": model.target_specs["mtt::atomic"]}
-    alone = _predict(model, core, specs)[0]["mtt::atomic"]
-    together = _predict(model, core + far, specs)[0]["mtt::atomic"]
+    alone = predict_structure(model, core, specs)[0]["mtt::atomic"]
+    together = predict_structure(model, core + far, specs)[0]["mtt::atomic"]
     moved = far.copy()
     moved.positions += rng.normal(scale=0.5, size=moved.positions.shape)
-    together_moved = _predict(model, core + moved, specs)[0]["mtt::atomic"]
+    together_moved = predict_structure(model, core + moved, specs)[0]["mtt::atomic"]
     for a, b, c in zip(alone, together, together_moved):
-        assert torch.equal(a, b[: len(core)]) or _relative(a, b[: len(core)]) < 1e-13
-        assert _relative(b[: len(core)], c[: len(core)]) < 1e-13
+        assert (
+            torch.equal(a, b[: len(core)]) or relative_error(a, b[: len(core)]) < 1e-13
+        )
+        assert relative_error(b[: len(core)], c[: len(core)]) < 1e-13
 
 
 def test_frames_rotate_with_the_structure():
@@ -346,8 +320,8 @@ def test_frames_rotate_with_the_structure():
         return frames(structure.centers, vectors, n, torch.arange(n), n)
 
     first = compute(atoms)
-    rotation, _ = _random_operation(11, False)
-    second = compute(_transform(atoms, rotation.numpy(), np.arange(len(atoms))))
+    rotation, _ = random_operation(11, False)
+    second = compute(transform_atoms(atoms, rotation.numpy(), np.arange(len(atoms))))
     assert first.weights.shape == second.weights.shape
     torch.testing.assert_close(second.weights, first.weights, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(
@@ -387,15 +361,15 @@ def test_finetune_and_symmetrize_a_trained_pet(synthetic_file, tmp_path):
     checkpoint = str(tmp_path / "plain" / "model.ckpt")
     assert main(["export", checkpoint, "-o", str(exported), "--ecse", "local"]) == 0
     atoms = _random_molecule(np.random.default_rng(1), 6)
-    rotation, wigner = _random_operation(5, True)
+    rotation, wigner = random_operation(5, True)
     first = symatomic.io.predict(str(exported), [atoms])
     second = symatomic.io.predict(
-        str(exported), [_transform(atoms, rotation.numpy(), np.arange(6))]
+        str(exported), [transform_atoms(atoms, rotation.numpy(), np.arange(6))]
     )
     dipole = first["mtt::dipole"].block().values[0]
     rotated = second["mtt::dipole"].block().values[0]
     # a polar vector: parity -1 under the inversion included in the operation
-    assert _relative(-wigner[1] @ dipole, rotated) < 1e-10
+    assert relative_error(-wigner[1] @ dipole, rotated) < 1e-10
 
     options = tiny_options(synthetic_file, targets, epochs=1)
     options["architecture"]["model"]["ecse"] = {"mode": "local"}

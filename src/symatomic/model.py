@@ -28,14 +28,59 @@ from metatomic.torch import (
     System,
 )
 
+from .basis import ScalarBasisHead
 from .data.targets import TargetSpec
 from .ecse import check_ecse_options
 from .heads import DirectHead
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import WignerD
 from .pet import PET, PETFeatures, check_pet_hypers
+from .soap import InvariantScalarModel
 
-__all__ = ["SymatomicModel", "check_model_hypers"]
+__all__ = [
+    "SOAP_DEFAULT_HYPERS",
+    "SOAPBackbone",
+    "SymatomicModel",
+    "TargetReadout",
+    "check_model_hypers",
+    "is_exactly_equivariant",
+    "tensor_heads_of",
+]
+
+#: defaults of ``architecture.model.soap`` (the invariant SOAP backbone)
+SOAP_DEFAULT_HYPERS: Dict[str, Any] = {
+    "max_radial": 6,
+    "max_angular": 4,
+    "n_pseudo_species": 4,
+    "d_hidden": 128,
+    "n_hidden_layers": 2,
+    "d_out": 128,
+    "d_pair": 32,
+}
+
+_BACKBONES = ("pet", "soap")
+_TENSOR_HEADS = ("direct", "basis")
+
+
+def _check_soap_hypers(options: Any, where: str) -> Dict[str, Any]:
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a mapping, got {options!r}")
+    unknown = sorted(set(options) - set(SOAP_DEFAULT_HYPERS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; known: {sorted(SOAP_DEFAULT_HYPERS)}"
+        )
+    result = dict(SOAP_DEFAULT_HYPERS)
+    result.update(options)
+    for key, value in result.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
+        minimum = 0 if key in ("max_angular", "max_radial") else 1
+        if value < minimum:
+            raise ValueError(f"{where}.{key} must be at least {minimum}, got {value}")
+    return result
 
 
 def check_model_hypers(
@@ -43,26 +88,152 @@ def check_model_hypers(
 ) -> Dict[str, Any]:
     """Validate the ``architecture.model`` section and fill its defaults.
 
-    Everything but ``ecse`` are PET hyper-parameters; ``ecse`` selects the exact
-    symmetrization (:func:`symatomic.ecse.check_ecse_options`).
+    ``backbone`` is ``pet`` (default) or ``soap`` (an exactly invariant SOAP power
+    spectrum with an MLP, options in ``soap``); ``tensor_heads`` is ``direct``
+    (components predicted by the backbone's heads: exact with ECSE, approximate
+    without) or ``basis`` (invariant coefficients times a basis of (λ, σ) tensors,
+    :mod:`symatomic.basis`); ``basis_hidden`` is the hidden size of the basis' pair
+    MLPs; ``ecse`` selects the exact symmetrization of PET
+    (:func:`symatomic.ecse.check_ecse_options`). Everything else are PET
+    hyper-parameters (``cutoff`` and ``cutoff_width`` are shared with SOAP).
     """
     hypers = dict(hypers)
     ecse = check_ecse_options(hypers.pop("ecse", None), where + ".ecse")
+    backbone = hypers.pop("backbone", "pet")
+    if backbone not in _BACKBONES:
+        raise ValueError(
+            f"{where}.backbone must be one of {_BACKBONES}, got {backbone!r}"
+        )
+    soap = _check_soap_hypers(hypers.pop("soap", None), where + ".soap")
+    tensor_heads = hypers.pop("tensor_heads", None)
+    if tensor_heads is not None and tensor_heads not in _TENSOR_HEADS:
+        raise ValueError(
+            f"{where}.tensor_heads must be one of {_TENSOR_HEADS} (or null: what the "
+            f"backbone can do), got {tensor_heads!r}"
+        )
+    if backbone == "soap" and tensor_heads == "direct":
+        raise ValueError(
+            f"{where}: the soap backbone is invariant, its tensor outputs need "
+            "tensor_heads: basis"
+        )
+    if backbone == "soap" and ecse["mode"] != "none":
+        raise ValueError(
+            f"{where}: ecse applies to the pet backbone; the soap backbone is exactly "
+            "invariant already"
+        )
+    basis_hidden = hypers.pop("basis_hidden", 32)
+    if isinstance(basis_hidden, bool) or not isinstance(basis_hidden, int):
+        raise ValueError(
+            f"{where}.basis_hidden must be an integer, got {basis_hidden!r}"
+        )
+    if basis_hidden < 0:
+        raise ValueError(f"{where}.basis_hidden must be >= 0, got {basis_hidden}")
     result = check_pet_hypers(hypers, where)
     result["ecse"] = ecse
+    result["backbone"] = backbone
+    result["soap"] = soap
+    result["tensor_heads"] = tensor_heads
+    result["basis_hidden"] = basis_hidden
     return result
+
+
+def tensor_heads_of(hypers: Dict[str, Any]) -> str:
+    """The tensor heads of a model: ``tensor_heads``, or when it is ``None``, what
+    the backbone can do (``basis`` for SOAP, ``direct`` for PET)."""
+    choice = hypers.get("tensor_heads")
+    if choice is None:
+        return "basis" if hypers.get("backbone", "pet") == "soap" else "direct"
+    return str(choice)
+
+
+def is_exactly_equivariant(hypers: Dict[str, Any]) -> bool:
+    """Whether a model with these (checked) hyper-parameters is exactly
+    O(3)-equivariant in every output: the SOAP backbone, or PET with ECSE."""
+    return hypers["backbone"] == "soap" or hypers["ecse"]["mode"] != "none"
+
+
+class SOAPBackbone(torch.nn.Module):
+    """The invariant SOAP model (:class:`symatomic.soap.InvariantScalarModel`) in the
+    backbone interface: atoms own their features, there are no frames.
+
+    :param hypers: checked model hyper-parameters (``cutoff``, ``cutoff_width``,
+        ``soap``)
+    :param n_species: number of atomic types
+    """
+
+    def __init__(self, hypers: Dict[str, Any], n_species: int):
+        super().__init__()
+        soap = hypers["soap"]
+        self.model = InvariantScalarModel(
+            n_species,
+            float(hypers["cutoff"]),
+            float(hypers["cutoff_width"]),
+            max_radial=int(soap["max_radial"]),
+            max_angular=int(soap["max_angular"]),
+            n_pseudo_species=int(soap["n_pseudo_species"]),
+            d_hidden=int(soap["d_hidden"]),
+            n_hidden_layers=int(soap["n_hidden_layers"]),
+            d_out=int(soap["d_out"]),
+            d_pair=int(soap["d_pair"]),
+        )
+        self.symmetrized = False
+
+    def forward(
+        self,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        reverse: torch.Tensor,
+    ) -> PETFeatures:
+        """Same arguments as :meth:`symatomic.pet.PET.forward`; the features are
+        exactly invariant."""
+        n_atoms = species.shape[0]
+        atoms, pairs, fc = self.model(species, edge_vectors, centers, neighbors)
+        return PETFeatures(
+            atoms,
+            pairs,
+            fc,
+            centers,
+            torch.arange(n_atoms, device=species.device),
+            torch.ones(n_atoms, dtype=fc.dtype, device=fc.device),
+            torch.eye(3, dtype=fc.dtype, device=fc.device).expand(n_atoms, 3, 3),
+            torch.zeros(n_atoms, dtype=torch.bool, device=fc.device),
+            False,
+        )
 
 
 class TargetReadout(torch.nn.Module):
     """Head and output transformation (scale, composition baseline) of one target.
 
+    Covariant targets with ``tensor_heads: basis`` are predicted as invariant
+    coefficients (a :class:`~symatomic.heads.DirectHead` on invariant features: the
+    SOAP backbone's, ECSE's frame averages, or plain PET's, which are only
+    approximately invariant) times the tensor basis of every block
+    (:class:`symatomic.basis.ScalarBasisHead`).
+
     :param spec: the target
     :param n_species: number of atomic types of the model
     :param hypers: model hyper-parameters
+    :param d_node: size of the atom features of the backbone
+    :param d_edge: size of the pair features of the backbone
     """
 
-    def __init__(self, spec: TargetSpec, n_species: int, hypers: Dict[str, Any]):
+    coefficient_sizes: List[int]
+
+    def __init__(
+        self,
+        spec: TargetSpec,
+        n_species: int,
+        hypers: Dict[str, Any],
+        d_node: int = -1,
+        d_edge: int = -1,
+    ):
         super().__init__()
+        if d_node < 0:
+            d_node = int(hypers["d_node"])
+        if d_edge < 0:
+            d_edge = int(hypers["d_pet"])
         self.per_atom = spec.per_atom
         self.is_scalar = spec.is_scalar
         self.block_components: List[int] = [b.num_components for b in spec.blocks]
@@ -77,9 +248,23 @@ class TargetReadout(torch.nn.Module):
         self.block_sigmas: List[int] = [b.o3_sigma for b in spec.blocks]
         self.invariant = spec.is_invariant
         n_flat = sum(self.block_sizes)
-        self.head = DirectHead(
-            int(hypers["d_node"]), int(hypers["d_pet"]), int(hypers["d_head"]), n_flat
-        )
+        basis_heads: List[ScalarBasisHead] = []
+        if tensor_heads_of(hypers) == "basis" and not self.invariant:
+            for block in spec.blocks:
+                basis_heads.append(
+                    ScalarBasisHead(
+                        block.o3_lambda,
+                        block.o3_sigma,
+                        block.num_properties,
+                        d_edge,
+                        d_hidden=int(hypers.get("basis_hidden", 32)),
+                    )
+                )
+        self.basis_heads = torch.nn.ModuleList(basis_heads)
+        self.uses_basis = len(basis_heads) > 0
+        self.coefficient_sizes: List[int] = [h.n_coefficients for h in basis_heads]
+        n_head_outputs = sum(self.coefficient_sizes) if self.uses_basis else n_flat
+        self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_head_outputs)
         self.register_buffer("scale", torch.ones(n_flat))
         self.register_buffer("baseline", torch.zeros(n_species, n_flat))
 
@@ -89,6 +274,7 @@ class TargetReadout(torch.nn.Module):
         species: torch.Tensor,
         wigner: List[torch.Tensor],
         improper: torch.Tensor,
+        edge_vectors: torch.Tensor,
     ) -> torch.Tensor:
         """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit.
 
@@ -99,7 +285,10 @@ class TargetReadout(torch.nn.Module):
 
         :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
         :param improper: ``(n_owners,)`` whether each owner's frame is improper
+        :param edge_vectors: ``(n_pairs, 3)`` pair vectors (the scalar basis)
         """
+        if self.uses_basis:
+            return self._basis_forward(features, species, edge_vectors)
         atom_nodes = features.atom_nodes
         atom_edges = features.atom_edges
         atom_fc = features.atom_fc
@@ -138,6 +327,29 @@ class TargetReadout(torch.nn.Module):
             raw = torch.zeros(
                 species.shape[0], raw.shape[1], dtype=raw.dtype, device=raw.device
             ).index_add(0, features.owner_atoms, raw)
+        return raw * self.scale + self.baseline.index_select(0, species)
+
+    def _basis_forward(
+        self, features: PETFeatures, species: torch.Tensor, edge_vectors: torch.Tensor
+    ) -> torch.Tensor:
+        nodes = features.invariant_nodes
+        edges = features.invariant_edges
+        fc = features.atom_fc
+        centers = features.centers
+        if nodes is None or edges is None or fc is None or centers is None:
+            # no frames: atoms own their features (SOAP: invariant; plain PET: not)
+            nodes = features.nodes
+            edges = features.edges
+            fc = features.fc
+            centers = features.edge_owners
+        coefficients = self.head(nodes, edges, fc, centers).split(
+            self.coefficient_sizes, dim=1
+        )
+        blocks: List[torch.Tensor] = []
+        for index, head in enumerate(self.basis_heads):
+            block = head(coefficients[index], edges, edge_vectors, fc, centers)
+            blocks.append(block.reshape(block.shape[0], -1))
+        raw = torch.cat(blocks, dim=1)
         return raw * self.scale + self.baseline.index_select(0, species)
 
     def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
@@ -191,26 +403,45 @@ class SymatomicModel(torch.nn.Module):
         self.interaction_range = (
             float(self.hypers["num_gnn_layers"]) + 1.0
         ) * self.cutoff
+        if self.hypers["backbone"] == "soap":
+            # atom features reach one cutoff, pair features (through h_j) two
+            self.interaction_range = 2.0 * self.cutoff
 
         type_to_index = torch.full((max(self.atomic_types) + 1,), -1, dtype=torch.long)
         for index, atomic_type in enumerate(self.atomic_types):
             type_to_index[atomic_type] = index
         self.register_buffer("type_to_index", type_to_index)
 
-        pet_hypers = {k: v for k, v in self.hypers.items() if k != "ecse"}
+        model_only = ("ecse", "backbone", "soap", "tensor_heads", "basis_hidden")
+        pet_hypers = {k: v for k, v in self.hypers.items() if k not in model_only}
         ecse = self.hypers["ecse"]
-        self.backbone = PET(
-            pet_hypers,
-            len(self.atomic_types),
-            ecse=ecse if ecse["mode"] == "local" else None,
+        self.tensor_heads = tensor_heads_of(self.hypers)
+        uses_basis = self.tensor_heads == "basis" and any(
+            not spec.is_invariant for spec in targets.values()
         )
+        if self.hypers["backbone"] == "soap":
+            self.backbone = SOAPBackbone(self.hypers, len(self.atomic_types))
+            d_node = int(self.hypers["soap"]["d_out"])
+            d_edge = int(self.hypers["soap"]["d_pair"])
+        else:
+            self.backbone = PET(
+                pet_hypers,
+                len(self.atomic_types),
+                ecse=ecse if ecse["mode"] == "local" else None,
+            )
+            self.backbone.invariant_features = uses_basis
+            d_node = int(self.hypers["d_node"])
+            d_edge = int(self.hypers["d_pet"])
+        self.exactly_equivariant = is_exactly_equivariant(self.hypers)
         max_lambda = max(
             [b.o3_lambda for s in targets.values() for b in s.blocks] + [0]
         )
         self.wigner = WignerD(max_lambda)
         self.readouts = torch.nn.ModuleDict(
             {
-                name: TargetReadout(spec, len(self.atomic_types), self.hypers)
+                name: TargetReadout(
+                    spec, len(self.atomic_types), self.hypers, d_node, d_edge
+                )
                 for name, spec in targets.items()
             }
         )
@@ -280,7 +511,9 @@ class SymatomicModel(torch.nn.Module):
         result: Dict[str, torch.Tensor] = {}
         for name, readout in self.readouts.items():
             if name in names:
-                result[name] = readout(features, species, wigner, improper)
+                result[name] = readout(
+                    features, species, wigner, improper, edge_vectors
+                )
         return result
 
     def predict(

@@ -354,6 +354,10 @@ class PETFeatures:
     :param atom_edges: ``(n_pairs, d_pet)``, likewise
     :param fc: ``(n_pairs,)`` cutoff factors of the pairs
     :param centers: ``(n_pairs,)`` centers of the pairs
+    :param invariant_nodes: ``(n_atoms, d_node)`` frame-averaged (exactly invariant)
+        atom features of the last layer, with ECSE when the model asked for them
+        (:attr:`PET.invariant_features`; the scalar-basis heads use them)
+    :param invariant_edges: ``(n_pairs, d_pet)``, likewise for the pairs
     """
 
     def __init__(
@@ -371,7 +375,11 @@ class PETFeatures:
         atom_edges: Optional[torch.Tensor] = None,
         atom_fc: Optional[torch.Tensor] = None,
         centers: Optional[torch.Tensor] = None,
+        invariant_nodes: Optional[torch.Tensor] = None,
+        invariant_edges: Optional[torch.Tensor] = None,
     ):
+        self.invariant_nodes = invariant_nodes
+        self.invariant_edges = invariant_edges
         self.atom_nodes = atom_nodes
         self.atom_edges = atom_edges
         self.atom_fc = atom_fc
@@ -432,6 +440,9 @@ class PET(torch.nn.Module):
             ]
         )
         self.symmetrized = ecse is not None
+        #: with ECSE, also hand frame-averaged invariant features of the last layer to
+        #: the heads (set by the model when scalar-basis heads need them)
+        self.invariant_features = False
         self.inversion = bool(ecse["inversion"]) if ecse is not None else False
         total_attention = self.num_gnn_layers * int(hypers["num_attention_layers"])
         frame_layers = None if ecse is None else ecse.get("frame_layers")
@@ -605,6 +616,7 @@ class PET(torch.nn.Module):
         edges = messages
         owner_features = owner_tokens
         last_gnn = self.num_gnn_layers - 1
+        last_invariant: Optional[torch.Tensor] = None
         gnn_index = 0
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
@@ -639,6 +651,13 @@ class PET(torch.nn.Module):
                 edges = _average(owner_tokens, owner_edges, edge_weight_column, n_pairs)
             reversed_edges = edges.index_select(0, reverse)
             if gnn_index == last_gnn and in_frames:
+                if self.invariant_features:
+                    # the last combination on the frame-averaged (invariant) tokens
+                    last_invariant = (
+                        messages
+                        + edges
+                        + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+                    )
                 # the heads see the features of every frame
                 owner_features = (
                     owner_messages
@@ -664,6 +683,11 @@ class PET(torch.nn.Module):
             gnn_index += 1
         atom_nodes: Optional[torch.Tensor] = None
         atom_edges: Optional[torch.Tensor] = None
+        invariant_nodes: Optional[torch.Tensor] = None
+        invariant_edges: Optional[torch.Tensor] = None
+        if self.invariant_features:
+            invariant_nodes = nodes
+            invariant_edges = messages if last_invariant is None else last_invariant
         if not in_frames:
             # heads of covariant targets see the invariant features plus the last
             # features computed in every frame (which carry the orientation);
@@ -686,6 +710,8 @@ class PET(torch.nn.Module):
             atom_edges,
             fc,
             centers,
+            invariant_nodes,
+            invariant_edges,
         )
 
 

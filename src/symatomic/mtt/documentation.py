@@ -20,10 +20,17 @@ from typing import Literal, Optional, Union
 from typing_extensions import TypedDict
 
 from ..ecse import ECSE_DEFAULTS
+from ..model import SOAP_DEFAULT_HYPERS
 from ..options import TRAINING_DEFAULT_HYPERS
 from ..pet import PET_DEFAULT_HYPERS
 
-__all__ = ["ECSEHypers", "FinetuneHypers", "ModelHypers", "TrainerHypers"]
+__all__ = [
+    "ECSEHypers",
+    "FinetuneHypers",
+    "ModelHypers",
+    "SOAPHypers",
+    "TrainerHypers",
+]
 
 
 class ECSEHypers(TypedDict):
@@ -61,6 +68,25 @@ class ECSEHypers(TypedDict):
     smoothly."""
 
 
+class SOAPHypers(TypedDict):
+    """The exactly invariant SOAP backbone (power spectrum and MLP)."""
+
+    max_radial: int = SOAP_DEFAULT_HYPERS["max_radial"]
+    """Largest radial index n (Laplacian eigenstates)."""
+    max_angular: int = SOAP_DEFAULT_HYPERS["max_angular"]
+    """Largest angular order l of the density expansion."""
+    n_pseudo_species: int = SOAP_DEFAULT_HYPERS["n_pseudo_species"]
+    """Learned species channels of the density."""
+    d_hidden: int = SOAP_DEFAULT_HYPERS["d_hidden"]
+    """Width of the MLP's hidden layers."""
+    n_hidden_layers: int = SOAP_DEFAULT_HYPERS["n_hidden_layers"]
+    """Number of hidden layers of the MLP."""
+    d_out: int = SOAP_DEFAULT_HYPERS["d_out"]
+    """Width of the atom features."""
+    d_pair: int = SOAP_DEFAULT_HYPERS["d_pair"]
+    """Width of the pair features."""
+
+
 class ModelHypers(TypedDict):
     """Hyper-parameters of the symatomic PET model."""
 
@@ -82,7 +108,7 @@ class ModelHypers(TypedDict):
     """Attention layers in every GNN layer."""
     num_gnn_layers: int = PET_DEFAULT_HYPERS["num_gnn_layers"]
     """Message-passing (GNN) layers; the interaction range is
-    ``num_gnn_layers * cutoff``."""
+    ``(num_gnn_layers + 1) * cutoff``."""
     normalization: Literal["RMSNorm", "LayerNorm"] = PET_DEFAULT_HYPERS["normalization"]
     """Normalization of the (pre-layer-norm) transformer."""
     activation: Literal["SwiGLU", "SiLU"] = PET_DEFAULT_HYPERS["activation"]
@@ -95,6 +121,19 @@ class ModelHypers(TypedDict):
     }
     """Exact O(3) symmetrization (ECSE); ``{mode: local}`` makes every output
     exactly O(3)-equivariant."""
+    backbone: Literal["pet", "soap"] = "pet"
+    """``pet``: the Point Edge Transformer; ``soap``: an exactly invariant SOAP
+    power spectrum with an MLP (its tensor outputs use ``tensor_heads: basis``;
+    the model is then exactly O(3)-equivariant without ECSE)."""
+    tensor_heads: Optional[Literal["direct", "basis"]] = None
+    """How tensor (non-invariant) outputs are predicted: ``direct`` (components
+    from the backbone's heads), ``basis`` (invariant coefficients times a basis
+    of (λ, σ) tensors built from the environment); ``None``: ``basis`` for the
+    SOAP backbone, ``direct`` for PET."""
+    basis_hidden: int = 32
+    """Hidden size of the pair MLPs of the tensor basis (0: linear)."""
+    soap: SOAPHypers = dict(SOAP_DEFAULT_HYPERS)
+    """Options of the SOAP backbone."""
 
 
 class FinetuneHypers(TypedDict):

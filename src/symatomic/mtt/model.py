@@ -26,7 +26,7 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.hypers import init_with_defaults, raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 
-from ..model import SymatomicModel
+from ..model import SOAP_DEFAULT_HYPERS, SymatomicModel
 from ..train.checkpoint import CHECKPOINT_VERSION, upgrade_checkpoint
 from .convert import spec_from_target_info
 from .documentation import ModelHypers
@@ -49,7 +49,9 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
         ``atom``
     """
 
-    __checkpoint_version__ = 1
+    #: 1: PET hyper-parameters and ``ecse``; 2: also ``backbone``, ``tensor_heads``,
+    #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone)
+    __checkpoint_version__ = 2
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -296,8 +298,19 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     @classmethod
     def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         version = checkpoint.get("model_ckpt_version")
-        # no older layout of metatrain checkpoints exists yet: add the upgrade
-        # steps here (version v → v + 1) when __checkpoint_version__ is bumped
+        if version == 1:
+            # version 2 added the backbone and tensor-head options: version 1
+            # models are PET with direct heads
+            checkpoint = dict(checkpoint)
+            model_data = dict(checkpoint["model_data"])
+            hypers = dict(model_data["model_hypers"])
+            hypers.setdefault("backbone", "pet")
+            hypers.setdefault("tensor_heads", "direct")
+            hypers.setdefault("basis_hidden", 32)
+            hypers.setdefault("soap", dict(SOAP_DEFAULT_HYPERS))
+            model_data["model_hypers"] = hypers
+            checkpoint["model_data"] = model_data
+            checkpoint["model_ckpt_version"] = version = 2
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

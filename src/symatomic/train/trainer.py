@@ -408,14 +408,17 @@ class Trainer:
             if spec.has_stress:
                 weights[name + "/stress"] = hypers["stress_weight"]
         train_with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
-        symmetric = self.model.hypers["ecse"]["mode"] != "none"
+        symmetric = bool(self.model.exactly_equivariant)
         augmentation = self.hypers["augmentation"]
         # an exactly equivariant model gains nothing from rotated copies
         self.augmentation = (not symmetric) if augmentation == "auto" else augmentation
         if symmetric:
             self._log(
-                "exactly O(3)-equivariant model (ECSE %s); augmentation %s",
+                "exactly O(3)-equivariant model (%s backbone, ECSE %s, %s tensor "
+                "heads); augmentation %s",
+                self.model.hypers["backbone"],
                 self.model.hypers["ecse"]["mode"],
+                self.model.tensor_heads,
                 "on" if self.augmentation else "off",
             )
 
