@@ -63,8 +63,18 @@ PET_SIZES = {
 
 #: symatomic variants: name → architecture.model additions
 OURS: Dict[str, Dict] = {
-    "pet": {},
+    # exactly equivariant: invariant SOAP coefficients times the tensor basis
+    "soap-basis": {"backbone": "soap"},
+    # exactly equivariant: ECSE-averaged PET features as coefficients
+    "pet-ecse-basis": {
+        "ecse": {"mode": "local", "frame_layers": 1},
+        "tensor_heads": "basis",
+    },
+    # exactly equivariant: PET heads in every frame, rotated back (ECSE)
     "pet-ecse": {"ecse": {"mode": "local", "frame_layers": 1}},
+    # approximate (random O(3) augmentation): plain PET coefficients, or components
+    "pet-basis": {"tensor_heads": "basis"},
+    "pet": {},
 }
 
 METATRAIN = ["soap_bpnn", "metatrain-pet"]
@@ -225,7 +235,9 @@ def main() -> None:
             elif model_name == "metatrain-pet":
                 architecture = {"name": "pet"}
             else:
-                model = dict(PET_SIZES, **copy.deepcopy(OURS[model_name]))
+                model = copy.deepcopy(OURS[model_name])
+                if model.get("backbone") != "soap":
+                    model.update(PET_SIZES)
                 architecture = {"name": "pet", "model": model}
             options_file = os.path.join(folder, "options.yaml")
             with open(options_file, "w") as handle:

@@ -111,6 +111,8 @@ class _Symatomic:
 
     architecture = ARCHITECTURE
     ecse: Dict[str, Any] = {"mode": "none"}
+    #: other model hyper-parameters of the configuration
+    extra: Dict[str, Any] = {}
 
     @pytest.fixture
     def dataset_path(self, water_path: str) -> str:
@@ -125,6 +127,7 @@ class _Symatomic:
         hypers = get_default_hypers(ARCHITECTURE)["model"]
         hypers.update(copy.deepcopy(SMALL_MODEL))
         hypers["ecse"].update(self.ecse)
+        hypers.update(copy.deepcopy(self.extra))
         return hypers
 
     @pytest.fixture
@@ -243,6 +246,34 @@ class TestTorchscriptECSE(TestTorchscriptPET):
     @pytest.fixture(params=[-1])
     def o3_sigma(self, request: pytest.FixtureRequest) -> int:
         return request.param
+
+
+# ---------------------------------------------- SOAP backbone + scalar-basis heads
+
+SMALL_SOAP = {
+    "backbone": "soap",
+    "soap": {
+        "max_radial": 3,
+        "max_angular": 3,
+        "n_pseudo_species": 2,
+        "d_hidden": 16,
+        "n_hidden_layers": 2,
+        "d_out": 16,
+        "d_pair": 8,
+    },
+}
+
+
+class TestOutputSOAP(TestOutputPET):
+    # invariant SOAP coefficients times the tensor basis: exactly O(3)-equivariant
+    extra = SMALL_SOAP
+    is_equivariant_rotations = True
+    is_equivariant_reflections = True
+
+
+class TestTorchscriptSOAP(TestTorchscriptECSE):
+    ecse = {"mode": "none"}
+    extra = SMALL_SOAP
 
 
 class TestTrainingECSE(_Symatomic):

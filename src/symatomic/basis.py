@@ -594,14 +594,18 @@ class ScalarBasisHead(torch.nn.Module):
         )
         self.n_basis = self.tensor_basis.n_basis
         self.n_coefficients = self.n_basis * self.n_properties
-        self.use_vectors = self.tensor_basis.n_vectors > 0
-        self.use_density = self.tensor_basis.n_density > 0
-        self.vectors = EquivariantVectors(
-            d_pair, max(self.tensor_basis.n_vectors, 1), d_hidden
+        self.d_pair = int(d_pair)
+        self.n_vectors = self.tensor_basis.n_vectors
+        self.n_density = self.tensor_basis.n_density
+        self.use_vectors = self.n_vectors > 0
+        self.use_density = self.n_density > 0
+        # one pass over the pairs gives the weights of the vectors (as in
+        # EquivariantVectors) and of the λ-density channels (as in LambdaDensity,
+        # for this λ only)
+        self.pair_weights = _pair_mlp(
+            self.d_pair, max(self.n_vectors + self.n_density, 1), d_hidden
         )
-        self.density = LambdaDensity(
-            d_pair, self.o3_lambda, max(self.tensor_basis.n_density, 1), d_hidden
-        )
+        self.harmonics = SolidHarmonics(self.o3_lambda)
 
     @torch.jit.export
     def compute_basis(
@@ -614,19 +618,36 @@ class ScalarBasisHead(torch.nn.Module):
     ) -> torch.Tensor:
         """The basis ``B``, ``(n_atoms, 2λ+1, n_basis)``; arguments as in
         :meth:`forward`."""
+        _check_pairs(pair_features, pair_vectors, cutoff_factors, centers, self.d_pair)
+        dtype = pair_vectors.dtype
+        device = pair_vectors.device
+        if not (self.use_vectors or self.use_density):
+            return self.tensor_basis(
+                torch.zeros(n_atoms, 0, 3, dtype=dtype, device=device), None
+            )
+        weights = self.pair_weights(pair_features) * cutoff_factors.unsqueeze(1)
+        vectors = torch.zeros(n_atoms, self.n_vectors, 3, dtype=dtype, device=device)
         if self.use_vectors:
-            vectors = self.vectors(
-                pair_features, pair_vectors, cutoff_factors, centers, n_atoms
-            )
-        else:
-            vectors = torch.zeros(
-                n_atoms, 0, 3, dtype=pair_vectors.dtype, device=pair_vectors.device
-            )
+            contributions = weights[:, : self.n_vectors].unsqueeze(
+                2
+            ) * pair_vectors.unsqueeze(1)
+            vectors = vectors.index_add(0, centers, contributions)
         density: Optional[torch.Tensor] = None
         if self.use_density:
-            density = self.density(
-                pair_features, pair_vectors, cutoff_factors, centers, n_atoms
-            )[self.o3_lambda]
+            # pairs have r > 0; the clamp only keeps gradients finite for bad input
+            r2 = (pair_vectors * pair_vectors).sum(dim=1).clamp_min(1e-20)
+            unit = pair_vectors / torch.sqrt(r2).unsqueeze(1)
+            harmonics = self.harmonics(unit)[self.o3_lambda]  # (P, 2λ+1)
+            contributions = harmonics.unsqueeze(2) * weights[
+                :, self.n_vectors :
+            ].unsqueeze(1)
+            density = torch.zeros(
+                n_atoms,
+                2 * self.o3_lambda + 1,
+                self.n_density,
+                dtype=dtype,
+                device=device,
+            ).index_add(0, centers, contributions)
         return self.tensor_basis(vectors, density)
 
     def forward(

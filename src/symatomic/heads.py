@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["DirectHead"]
+__all__ = ["DirectHead", "PooledHead"]
 
 
 class DirectHead(torch.nn.Module):
@@ -52,3 +52,47 @@ class DirectHead(torch.nn.Module):
         result = self.node_last(self.node_mlp(nodes))
         edge_values = self.edge_last(self.edge_mlp(edges)) * fc.unsqueeze(1)
         return result.index_add(0, centers, edge_values)
+
+
+class PooledHead(torch.nn.Module):
+    """Per-atom head on the atom features and the cutoff-weighted sum of the pair
+    features: ``y_i = MLP([h_i, Σ_j fc(r_ij) e_ij])``.
+
+    Invariant when ``h`` and ``e`` are; the only per-pair work is the sum, so its cost
+    does not grow with the number of pairs times the width of the MLP (used for the
+    coefficients of the scalar-basis heads, where every tensor target has one).
+
+    :param d_node: node feature size
+    :param d_edge: pair feature size
+    :param d_head: hidden size of the MLP
+    :param n_outputs: number of outputs per atom
+    """
+
+    def __init__(self, d_node: int, d_edge: int, d_head: int, n_outputs: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(d_node + d_edge, d_head),
+            torch.nn.SiLU(),
+            torch.nn.Linear(d_head, d_head),
+            torch.nn.SiLU(),
+            torch.nn.Linear(d_head, n_outputs),
+        )
+
+    def forward(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        :param nodes: ``(n_atoms, d_node)``
+        :param edges: ``(n_pairs, d_edge)``
+        :param fc: ``(n_pairs,)`` cutoff factors
+        :param centers: ``(n_pairs,)`` center of every pair
+        :return: ``(n_atoms, n_outputs)``
+        """
+        pooled = torch.zeros(
+            nodes.shape[0], edges.shape[1], dtype=edges.dtype, device=edges.device
+        ).index_add(0, centers, edges * fc.unsqueeze(1))
+        return self.mlp(torch.cat([nodes, pooled], dim=1))

@@ -31,7 +31,7 @@ from metatomic.torch import (
 from .basis import ScalarBasisHead
 from .data.targets import TargetSpec
 from .ecse import check_ecse_options
-from .heads import DirectHead
+from .heads import DirectHead, PooledHead
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import WignerD
 from .pet import PET, PETFeatures, check_pet_hypers
@@ -121,7 +121,7 @@ def check_model_hypers(
             f"{where}: ecse applies to the pet backbone; the soap backbone is exactly "
             "invariant already"
         )
-    basis_hidden = hypers.pop("basis_hidden", 32)
+    basis_hidden = hypers.pop("basis_hidden", 0)
     if isinstance(basis_hidden, bool) or not isinstance(basis_hidden, int):
         raise ValueError(
             f"{where}.basis_hidden must be an integer, got {basis_hidden!r}"
@@ -257,14 +257,18 @@ class TargetReadout(torch.nn.Module):
                         block.o3_sigma,
                         block.num_properties,
                         d_edge,
-                        d_hidden=int(hypers.get("basis_hidden", 32)),
+                        d_hidden=int(hypers.get("basis_hidden", 0)),
                     )
                 )
         self.basis_heads = torch.nn.ModuleList(basis_heads)
         self.uses_basis = len(basis_heads) > 0
         self.coefficient_sizes: List[int] = [h.n_coefficients for h in basis_heads]
-        n_head_outputs = sum(self.coefficient_sizes) if self.uses_basis else n_flat
-        self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_head_outputs)
+        if self.uses_basis:
+            self.head = PooledHead(
+                d_node, d_edge, int(hypers["d_head"]), sum(self.coefficient_sizes)
+            )
+        else:
+            self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_flat)
         self.register_buffer("scale", torch.ones(n_flat))
         self.register_buffer("baseline", torch.zeros(n_species, n_flat))
 

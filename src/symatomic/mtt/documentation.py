@@ -130,8 +130,9 @@ class ModelHypers(TypedDict):
     from the backbone's heads), ``basis`` (invariant coefficients times a basis
     of (λ, σ) tensors built from the environment); ``None``: ``basis`` for the
     SOAP backbone, ``direct`` for PET."""
-    basis_hidden: int = 32
-    """Hidden size of the pair MLPs of the tensor basis (0: linear)."""
+    basis_hidden: int = 0
+    """Hidden size of the MLPs giving the weights of the learned vectors and
+    densities from the pair features (0: linear maps)."""
     soap: SOAPHypers = dict(SOAP_DEFAULT_HYPERS)
     """Options of the SOAP backbone."""
 

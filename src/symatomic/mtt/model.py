@@ -306,7 +306,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             hypers = dict(model_data["model_hypers"])
             hypers.setdefault("backbone", "pet")
             hypers.setdefault("tensor_heads", "direct")
-            hypers.setdefault("basis_hidden", 32)
+            hypers.setdefault("basis_hidden", 0)
             hypers.setdefault("soap", dict(SOAP_DEFAULT_HYPERS))
             model_data["model_hypers"] = hypers
             checkpoint["model_data"] = model_data
