@@ -55,7 +55,7 @@ def compare(path, targets, indices, epochs, batch_size, frame_layers, keys, fold
     pet, minutes = train(options, folder, "pet")
     rows.append(("PET", pet.test_errors, minutes))
 
-    model = {**MODEL, "ecse": {"mode": "local"}}
+    model = {**MODEL, "ecse": {"mode": "local"}}  # direct heads, as MODEL
     if frame_layers:
         model["ecse"]["frame_layers"] = frame_layers
     options = options_for(path, targets, indices, model, training)

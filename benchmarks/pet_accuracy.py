@@ -28,8 +28,12 @@ ANCHORS = {
     "methane": {"energy/per_atom": 0.0765, "energy/forces": 1.064},
 }
 
-#: metatrain's default PET hyper-parameters, spelled out
+#: metatrain's default PET hyper-parameters, spelled out; plain PET with direct heads
+#: (the defaults of symatomic are exactly equivariant models: opt out explicitly)
 MODEL = {
+    "backbone": "pet",
+    "ecse": "none",
+    "tensor_heads": "direct",
     "d_pet": 128,
     "d_node": 256,
     "d_head": 128,

@@ -41,6 +41,7 @@ def metatrain_pet(atomic_types):
 
 def symatomic_pet(atomic_types, hypers):
     ours = {key: hypers[key] for key in PET_DEFAULT_HYPERS}
+    ours.update(backbone="pet", ecse="none")  # plain PET, as metatrain's
     spec = parse_target_options("energy", {"unit": "eV"}, "")
     model = SymatomicModel(ours, atomic_types, {"energy": spec})
     return model.export()

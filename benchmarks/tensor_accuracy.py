@@ -63,18 +63,25 @@ PET_SIZES = {
 
 #: symatomic variants: name → architecture.model additions
 OURS: Dict[str, Dict] = {
-    # exactly equivariant: invariant SOAP coefficients times the tensor basis
+    # exactly equivariant: invariant SOAP coefficients times the tensor basis (the
+    # default for data without energies)
     "soap-basis": {"backbone": "soap"},
-    # exactly equivariant: ECSE-averaged PET features as coefficients
+    # exactly equivariant: ECSE-averaged PET features as coefficients (the default
+    # with energies)
     "pet-ecse-basis": {
+        "backbone": "pet",
         "ecse": {"mode": "local", "frame_layers": 1},
         "tensor_heads": "basis",
     },
     # exactly equivariant: PET heads in every frame, rotated back (ECSE)
-    "pet-ecse": {"ecse": {"mode": "local", "frame_layers": 1}},
+    "pet-ecse": {
+        "backbone": "pet",
+        "ecse": {"mode": "local", "frame_layers": 1},
+        "tensor_heads": "direct",
+    },
     # approximate (random O(3) augmentation): plain PET coefficients, or components
-    "pet-basis": {"tensor_heads": "basis"},
-    "pet": {},
+    "pet-basis": {"backbone": "pet", "ecse": "none", "tensor_heads": "basis"},
+    "pet": {"backbone": "pet", "ecse": "none", "tensor_heads": "direct"},
 }
 
 METATRAIN = ["soap_bpnn", "metatrain-pet"]
@@ -205,7 +212,11 @@ def main() -> None:
         default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
     )
     parser.add_argument("--data-sets", nargs="+", default=list(DATA_SETS))
-    parser.add_argument("--models", nargs="+", default=METATRAIN + list(OURS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=METATRAIN + ["soap-basis", "pet-ecse-basis", "pet-ecse"],
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", help="keep the runs in this folder")
@@ -236,7 +247,7 @@ def main() -> None:
                 architecture = {"name": "pet"}
             else:
                 model = copy.deepcopy(OURS[model_name])
-                if model.get("backbone") != "soap":
+                if model["backbone"] == "pet":
                     model.update(PET_SIZES)
                 architecture = {"name": "pet", "model": model}
             options_file = os.path.join(folder, "options.yaml")

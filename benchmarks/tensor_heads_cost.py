@@ -46,13 +46,19 @@ BACKBONES = {
     "soap, basis heads": {"backbone": "soap"},
     "PET+ECSE, basis heads": dict(
         PET_SIZES,
+        backbone="pet",
         ecse={"mode": "local", "frame_layers": 1},
         tensor_heads="basis",
     ),
     "PET+ECSE, direct heads": dict(
-        PET_SIZES, ecse={"mode": "local", "frame_layers": 1}
+        PET_SIZES,
+        backbone="pet",
+        ecse={"mode": "local", "frame_layers": 1},
+        tensor_heads="direct",
     ),
-    "PET, basis heads": dict(PET_SIZES, tensor_heads="basis"),
+    "PET, basis heads": dict(
+        PET_SIZES, backbone="pet", ecse="none", tensor_heads="basis"
+    ),
 }
 
 

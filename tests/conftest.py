@@ -14,7 +14,10 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 CHARGES = {1: 0.3, 6: -0.2, 8: -0.5}
 POLARIZABILITY = {1: 1.0, 6: 5.0, 8: 3.0}
 
+#: plain PET (explicitly: the defaults are exactly equivariant models), small
 TINY_MODEL = {
+    "backbone": "pet",
+    "ecse": "none",
     "cutoff": 3.5,
     "cutoff_width": 0.5,
     "d_pet": 16,

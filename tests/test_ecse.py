@@ -332,11 +332,11 @@ def test_frames_rotate_with_the_structure():
 
 
 def test_ecse_options():
-    assert check_ecse_options(None)["mode"] == "none"
+    assert check_ecse_options(None)["mode"] == "auto"  # resolved with the backbone
     assert check_ecse_options("local")["inversion"] is True
     with pytest.raises(ValueError, match="unknown option 'modes'"):
         check_ecse_options({"modes": "local"})
-    with pytest.raises(ValueError, match="mode must be 'none' or 'local'"):
+    with pytest.raises(ValueError, match="mode must be 'none', 'local' or 'auto'"):
         check_ecse_options({"mode": "global"})
     with pytest.raises(ValueError, match="frame_layers must be between 1 and 2"):
         _model({"mode": "local", "frame_layers": 3})

@@ -21,6 +21,7 @@ from symatomic.model import (
     SymatomicModel,
     check_model_hypers,
     is_exactly_equivariant,
+    resolve_model_hypers,
     tensor_heads_of,
 )
 from symatomic.train import export_model
@@ -134,7 +135,7 @@ def test_basis_heads_are_exactly_equivariant(configuration, periodic):
 def test_plain_pet_with_basis_heads_is_approximate():
     """Unconstrained PET coefficients with the basis: selectable, not exact."""
     torch.manual_seed(0)
-    hypers = dict(TINY_MODEL, tensor_heads="basis", basis_hidden=8)
+    hypers = dict(TINY_MODEL, tensor_heads="basis", basis_hidden=8)  # ecse: none
     model = SymatomicModel(hypers, TYPES, _specs()).to(torch.float64).eval()
     assert not model.exactly_equivariant
     atoms = _random_molecule(np.random.default_rng(3))
@@ -252,8 +253,18 @@ def test_export_keeps_keys_and_exactness(tmp_path):
 def test_head_options():
     hypers = check_model_hypers({"backbone": "soap"})
     assert tensor_heads_of(hypers) == "basis" and is_exactly_equivariant(hypers)
-    assert tensor_heads_of(check_model_hypers({})) == "direct"
-    assert not is_exactly_equivariant(check_model_hypers({}))
+    # the defaults: exactly equivariant, PET + ECSE for energies, SOAP otherwise
+    specs = _specs()
+    defaults = resolve_model_hypers(check_model_hypers({}), specs)
+    assert defaults["backbone"] == "pet" and defaults["tensor_heads"] == "basis"
+    assert defaults["ecse"]["mode"] == "local" and defaults["ecse"]["frame_layers"] == 1
+    tensors = {"mtt::tensor": specs["mtt::tensor"]}
+    defaults = resolve_model_hypers(check_model_hypers({}), tensors)
+    assert defaults["backbone"] == "soap" and defaults["ecse"]["mode"] == "none"
+    assert is_exactly_equivariant(defaults)
+    # the approximately equivariant model is opted into
+    plain = resolve_model_hypers(check_model_hypers({"ecse": "none"}), specs)
+    assert plain["backbone"] == "pet" and not is_exactly_equivariant(plain)
     with pytest.raises(ValueError, match="tensor_heads: basis"):
         check_model_hypers({"backbone": "soap", "tensor_heads": "direct"})
     with pytest.raises(ValueError, match="backbone must be one of"):

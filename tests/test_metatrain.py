@@ -57,6 +57,7 @@ REFERENCE_CHECKPOINTS = Path(__file__).parent / "mtt_checkpoints"
 N_STRUCTURES = 6
 
 SMALL_MODEL: Dict[str, Any] = {
+    "backbone": "pet",
     "cutoff": 3.5,
     "cutoff_width": 0.5,
     "d_pet": 8,
@@ -434,7 +435,7 @@ def test_register_is_idempotent_and_visible() -> None:
     defaults = get_default_hypers(ARCHITECTURE)
     assert (
         defaults["model"]["d_pet"] == 128
-        and defaults["model"]["ecse"]["mode"] == "none"
+        and defaults["model"]["ecse"]["mode"] == "auto"
     )
     assert defaults["training"]["num_epochs"] == 100
 

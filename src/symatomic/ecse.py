@@ -366,15 +366,17 @@ def check_ecse_options(
 ) -> Dict[str, Any]:
     """Validate the ``ecse`` section of the model options, filling defaults.
 
-    ``mode``: ``"none"`` (plain PET, trained with augmentation) or ``"local"``
-    (frames applied inside PET, exactly O(3)-equivariant and local); ``inversion``:
+    ``mode``: ``"none"`` (plain PET, trained with augmentation), ``"local"``
+    (frames applied inside PET, exactly O(3)-equivariant and local) or ``"auto"``
+    (the default: ``local`` with ``frame_layers: 1`` for the PET backbone, ``none``
+    for the invariant SOAP backbone; resolved by :func:`symatomic.model.resolve_model_hypers`); ``inversion``:
     also symmetrize over inversion (O(3) rather than SO(3)); ``frame_layers``: how
     many attention layers (counted through all GNN layers) run in every frame, the
     others seeing frame-averaged tokens and distances only (``null``: all, as needed
     to symmetrize a PET trained without ECSE); the other options are the parameters
     of :class:`ECSEFrames`.
     """
-    result: Dict[str, Any] = {"mode": "none", "inversion": True, "frame_layers": None}
+    result: Dict[str, Any] = {"mode": "auto", "inversion": True, "frame_layers": None}
     result.update(ECSE_DEFAULTS)
     if options is None:
         return result
@@ -382,7 +384,7 @@ def check_ecse_options(
         options = {"mode": options}
     if not isinstance(options, dict):
         raise ValueError(
-            f"{where} must be a mapping or 'none'/'local', got {options!r}"
+            f"{where} must be a mapping or 'none'/'local'/'auto', got {options!r}"
         )
     for name, value in options.items():
         if name not in _ECSE_OPTION_TYPES:
@@ -402,9 +404,9 @@ def check_ecse_options(
                 f"{where}.{name} must be a {expected.__name__}, got {value!r}"
             )
         result[name] = value
-    if result["mode"] not in ("none", "local"):
+    if result["mode"] not in ("none", "local", "auto"):
         raise ValueError(
-            f"{where}.mode must be 'none' or 'local', got {result['mode']!r}"
+            f"{where}.mode must be 'none', 'local' or 'auto', got {result['mode']!r}"
         )
     for name in ("beta", "beta_weights", "delta_r", "w", "delta_w", "max_outer_cutoff"):
         if result[name] <= 0:

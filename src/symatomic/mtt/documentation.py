@@ -36,10 +36,11 @@ __all__ = [
 class ECSEHypers(TypedDict):
     """Exact O(3) symmetrization of PET by an ensemble of local frames (ECSE)."""
 
-    mode: Literal["none", "local"] = "none"
+    mode: Literal["auto", "none", "local"] = "auto"
     """``none``: plain PET, only approximately equivariant (trained with random
     O(3) augmentation); ``local``: frames per atom inside PET, exactly
-    O(3)-equivariant and local."""
+    O(3)-equivariant and local; ``auto``: ``local`` with ``frame_layers: 1`` for
+    the PET backbone, ``none`` for SOAP."""
     inversion: bool = True
     """Also average over mirror images of the frames: O(3) rather than SO(3)."""
     frame_layers: Optional[int] = None
@@ -114,22 +115,22 @@ class ModelHypers(TypedDict):
     activation: Literal["SwiGLU", "SiLU"] = PET_DEFAULT_HYPERS["activation"]
     """Activation of the feed-forward layers."""
     ecse: ECSEHypers = {
-        "mode": "none",
+        "mode": "auto",
         "inversion": True,
         "frame_layers": None,
         **ECSE_DEFAULTS,
     }
     """Exact O(3) symmetrization (ECSE); ``{mode: local}`` makes every output
     exactly O(3)-equivariant."""
-    backbone: Literal["pet", "soap"] = "pet"
+    backbone: Literal["auto", "pet", "soap"] = "auto"
     """``pet``: the Point Edge Transformer; ``soap``: an exactly invariant SOAP
     power spectrum with an MLP (its tensor outputs use ``tensor_heads: basis``;
-    the model is then exactly O(3)-equivariant without ECSE)."""
+    the model is then exactly O(3)-equivariant without ECSE); ``auto``: ``pet``
+    when a target is an energy, ``soap`` otherwise."""
     tensor_heads: Optional[Literal["direct", "basis"]] = None
     """How tensor (non-invariant) outputs are predicted: ``direct`` (components
     from the backbone's heads), ``basis`` (invariant coefficients times a basis
-    of (λ, σ) tensors built from the environment); ``None``: ``basis`` for the
-    SOAP backbone, ``direct`` for PET."""
+    of (λ, σ) tensors built from the environment); ``None``: ``basis``."""
     basis_hidden: int = 0
     """Hidden size of the MLPs giving the weights of the learned vectors and
     densities from the pair features (0: linear maps)."""

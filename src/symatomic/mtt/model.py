@@ -27,7 +27,11 @@ from metatrain.utils.hypers import init_with_defaults, raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 
 from ..model import SOAP_DEFAULT_HYPERS, SymatomicModel
-from ..train.checkpoint import CHECKPOINT_VERSION, upgrade_checkpoint
+from ..train.checkpoint import (
+    CHECKPOINT_VERSION,
+    upgrade_checkpoint,
+    upgrade_model_hypers,
+)
 from .convert import spec_from_target_info
 from .documentation import ModelHypers
 
@@ -50,8 +54,9 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     """
 
     #: 1: PET hyper-parameters and ``ecse``; 2: also ``backbone``, ``tensor_heads``,
-    #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone)
-    __checkpoint_version__ = 2
+    #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
+    #: 3: the hyper-parameters of the built model, ``auto`` choices resolved
+    __checkpoint_version__ = 3
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -248,7 +253,8 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             "symatomic_checkpoint_version": CHECKPOINT_VERSION,
             "metadata": self.metadata,
             "model_data": {
-                "model_hypers": self.hypers,
+                # the built model's: ``auto`` choices resolved for its targets
+                "model_hypers": self.model.hypers,
                 "dataset_info": self.dataset_info,
                 "fitted_targets": list(self.fitted_targets),
             },
@@ -298,19 +304,17 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     @classmethod
     def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         version = checkpoint.get("model_ckpt_version")
-        if version == 1:
-            # version 2 added the backbone and tensor-head options: version 1
-            # models are PET with direct heads
+        if version in (1, 2):
+            # version 2 added the backbone and tensor-head options (version 1
+            # models are PET with direct heads); version 3 stores the resolved
+            # hyper-parameters of the built model (the defaults became ``auto``)
             checkpoint = dict(checkpoint)
             model_data = dict(checkpoint["model_data"])
-            hypers = dict(model_data["model_hypers"])
-            hypers.setdefault("backbone", "pet")
-            hypers.setdefault("tensor_heads", "direct")
-            hypers.setdefault("basis_hidden", 0)
+            hypers = upgrade_model_hypers(model_data["model_hypers"])
             hypers.setdefault("soap", dict(SOAP_DEFAULT_HYPERS))
             model_data["model_hypers"] = hypers
             checkpoint["model_data"] = model_data
-            checkpoint["model_ckpt_version"] = version = 2
+            checkpoint["model_ckpt_version"] = version = 3
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

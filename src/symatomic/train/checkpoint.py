@@ -15,12 +15,15 @@ __all__ = [
     "model_from_checkpoint",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "upgrade_model_hypers",
 ]
 
 CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: version of the checkpoint layout; bump it (and add an upgrade step) when it changes
-#: (2: Wigner-D matrices by Clebsch-Gordan recursion, no sampled-point buffers)
-CHECKPOINT_VERSION = 2
+#: (2: Wigner-D matrices by Clebsch-Gordan recursion, no sampled-point buffers;
+#: 3: explicit ``backbone``, ``tensor_heads``, ``basis_hidden`` and ``soap`` in the
+#: model hyper-parameters, whose defaults became ``auto``)
+CHECKPOINT_VERSION = 3
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -74,7 +77,26 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
                     if not name.endswith(obsolete)
                 }
         checkpoint["version"] = 2
+    if checkpoint["version"] < 3:
+        model_data = checkpoint.get("model_data")
+        if isinstance(model_data, dict) and isinstance(model_data.get("hypers"), dict):
+            model_data["hypers"] = upgrade_model_hypers(model_data["hypers"])
+        checkpoint["version"] = 3
     return checkpoint
+
+
+def upgrade_model_hypers(hypers: Dict[str, Any]) -> Dict[str, Any]:
+    """Model hyper-parameters written before the backbone and tensor-head options
+    existed (or while ``tensor_heads: null`` meant ``direct`` for PET): make the
+    choices of that time explicit, so that the model is rebuilt as it was."""
+    hypers = dict(hypers)
+    hypers.setdefault("backbone", "pet")
+    if hypers.get("tensor_heads") is None:
+        hypers["tensor_heads"] = "basis" if hypers["backbone"] == "soap" else "direct"
+    hypers.setdefault("basis_hidden", 0)
+    if isinstance(hypers.get("ecse"), dict) and hypers["ecse"].get("mode") is None:
+        hypers["ecse"] = dict(hypers["ecse"], mode="none")
+    return hypers
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
