@@ -66,6 +66,12 @@ OURS: Dict[str, Dict] = {
     # exactly equivariant: invariant SOAP coefficients times the tensor basis (the
     # default for data without energies)
     "soap-basis": {"backbone": "soap"},
+    # the same, with about as many parameters as metatrain's SOAP-BPNN on water
+    "soap-basis-small": {
+        "backbone": "soap",
+        "soap": {"n_pseudo_species": 2, "d_hidden": 32, "d_out": 32},
+        "d_head": 32,
+    },
     # exactly equivariant: ECSE-averaged PET features as coefficients (the default
     # with energies)
     "pet-ecse-basis": {
