@@ -67,6 +67,11 @@ OURS: Dict[str, Dict] = {
     # default for data without energies)
     "soap-basis": {"backbone": "soap"},
     # the same, with about as many parameters as metatrain's SOAP-BPNN on water
+    "soap-basis-medium": {
+        "backbone": "soap",
+        "soap": {"n_pseudo_species": 2, "d_hidden": 64, "d_out": 64},
+        "d_head": 64,
+    },
     "soap-basis-small": {
         "backbone": "soap",
         "soap": {"n_pseudo_species": 2, "d_hidden": 32, "d_out": 32},
