@@ -9,9 +9,10 @@ of i-PI's conserved quantity (slope of a linear fit, eV/ps and meV/ps per atom),
 fluctuation and largest deviation, next to the fluctuation of the potential energy.
 
     python benchmarks/ipi_nve.py model.pt [--structure file.xyz --index 0]
-        [--timestep 0.5] [--steps 2000] [--temperature 300] [--seed 0]
+        [--timestep 0.5] [--steps 2000] [--temperature 300] [--seed 0] [--no-relax]
 
-The default structure is the first water trimer of the bundled example, in a
+The default structure is the first water trimer of the bundled example, relaxed with
+the model as in ``nve_drift.py``, in a
 periodic box wider than itself plus the model's cutoff (i-PI needs a cell; its
 metatomic PES treats any cell as periodic).
 """
@@ -30,7 +31,7 @@ from ipi.scripting import InteractiveSimulation
 from ipi.utils.depend import dstrip
 from ipi.utils.softexit import softexit
 from ipi.utils.units import unit_to_internal
-from nve_drift import default_structure, drift_summary
+from nve_drift import add_structure_arguments, drift_summary, starting_structure
 
 import symatomic.io
 
@@ -122,8 +123,7 @@ def starting_agreement(simulation, model: str, atoms: ase.Atoms) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--structure", help="ASE-readable file (default: example)")
-    parser.add_argument("--index", type=int, default=0)
+    add_structure_arguments(parser)
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--temperature", type=float, default=300.0, help="K")
@@ -131,11 +131,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = os.path.abspath(args.model)
-    atoms = (
-        ase.io.read(args.structure, index=args.index)
-        if args.structure
-        else default_structure()
-    )
+    atoms = starting_structure(args, model)
     cutoff = max(
         options.cutoff
         for options in mta.load_atomistic_model(model).requested_neighbor_lists()
@@ -177,7 +173,9 @@ def main() -> None:
     print(
         f"{args.model} in i-PI: {len(atoms)} atoms in a {box:.0f} Å box, "
         f"{args.steps} steps of {args.timestep} fs ({times[-1]:.2f} ps) from "
-        f"{args.temperature:.0f} K, {1000 * elapsed / args.steps:.1f} ms/step"
+        f"{args.temperature:.0f} K"
+        + (", relaxed start" if args.relax else "")
+        + f", {1000 * elapsed / args.steps:.1f} ms/step"
     )
     for key, value in summary.items():
         print(f"  {key:28s} {value: .3e}")

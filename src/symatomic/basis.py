@@ -42,6 +42,7 @@ __all__ = [
     "TensorBasis",
     "ScalarBasisHead",
     "default_n_density",
+    "pair_directions",
 ]
 
 
@@ -188,10 +189,7 @@ class LambdaDensity(torch.nn.Module):
         """
         _check_pairs(pair_features, pair_vectors, cutoff_factors, centers, self.d_pair)
         n_pairs = pair_vectors.shape[0]
-        # pairs have r > 0; the clamp only keeps gradients finite for bad input
-        r2 = (pair_vectors * pair_vectors).sum(dim=1).clamp_min(1e-20)
-        unit = pair_vectors / torch.sqrt(r2).unsqueeze(1)
-        harmonics = self.harmonics(unit)
+        harmonics = self.harmonics(pair_directions(pair_vectors))
         g = self.radial(pair_features) * cutoff_factors.unsqueeze(1)
         g = g.reshape(n_pairs, self.max_lambda + 1, self.n_channels)
         result: List[torch.Tensor] = []
@@ -546,6 +544,16 @@ class TensorBasis(torch.nn.Module):
         return torch.cat(columns, dim=2)
 
 
+def pair_directions(pair_vectors: torch.Tensor) -> torch.Tensor:
+    """Unit vectors ``r̂_ij`` of the pairs, ``(n_pairs, 3)``.
+
+    Pairs are expected at ``r > 0``; the clamp only keeps gradients finite for bad
+    input (a pair at ``r = 0`` has no direction).
+    """
+    r2 = (pair_vectors * pair_vectors).sum(dim=1).clamp_min(1e-20)
+    return pair_vectors / torch.sqrt(r2).unsqueeze(1)
+
+
 def default_n_density(o3_lambda: int) -> int:
     """Default number of λ-density channels: ``2λ + 1`` for λ ≥ 1, none for λ = 0."""
     return 2 * o3_lambda + 1 if o3_lambda > 0 else 0
@@ -615,6 +623,7 @@ class ScalarBasisHead(torch.nn.Module):
         cutoff_factors: torch.Tensor,
         centers: torch.Tensor,
         n_atoms: int,
+        pair_harmonics: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """The basis ``B``, ``(n_atoms, 2λ+1, n_basis)``; arguments as in
         :meth:`forward`."""
@@ -634,10 +643,14 @@ class ScalarBasisHead(torch.nn.Module):
             vectors = vectors.index_add(0, centers, contributions)
         density: Optional[torch.Tensor] = None
         if self.use_density:
-            # pairs have r > 0; the clamp only keeps gradients finite for bad input
-            r2 = (pair_vectors * pair_vectors).sum(dim=1).clamp_min(1e-20)
-            unit = pair_vectors / torch.sqrt(r2).unsqueeze(1)
-            harmonics = self.harmonics(unit)[self.o3_lambda]  # (P, 2λ+1)
+            if pair_harmonics is None:
+                pair_harmonics = self.harmonics(pair_directions(pair_vectors))
+            harmonics = pair_harmonics[self.o3_lambda]  # (P, 2λ+1)
+            if harmonics.shape[0] != pair_vectors.shape[0]:
+                raise ValueError(
+                    f"pair_harmonics[{self.o3_lambda}] has {harmonics.shape[0]} "
+                    f"rows but there are {pair_vectors.shape[0]} pairs"
+                )
             contributions = harmonics.unsqueeze(2) * weights[
                 :, self.n_vectors :
             ].unsqueeze(1)
@@ -657,6 +670,7 @@ class ScalarBasisHead(torch.nn.Module):
         pair_vectors: torch.Tensor,
         cutoff_factors: torch.Tensor,
         centers: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """
         :param coefficients: ``(n_atoms, n_basis * n_properties)`` invariants
@@ -664,6 +678,10 @@ class ScalarBasisHead(torch.nn.Module):
         :param pair_vectors: ``(n_pairs, 3)`` ``r_j - r_i`` in Å
         :param cutoff_factors: ``(n_pairs,)`` smooth cutoff ``fc(r_ij)``
         :param centers: ``(n_pairs,)`` center of every pair
+        :param pair_harmonics: optional real spherical harmonics ``Y^l`` of the
+            :func:`pair_directions`, ``l = 0 …`` at least λ, each
+            ``(n_pairs, 2l+1)`` (computed here when absent; a model with several
+            blocks computes them once for all)
         :return: ``(n_atoms, 2λ+1, n_properties)``
         """
         n_atoms = coefficients.shape[0]
@@ -674,7 +692,12 @@ class ScalarBasisHead(torch.nn.Module):
                 f"got {list(coefficients.shape)}"
             )
         basis = self.compute_basis(
-            pair_features, pair_vectors, cutoff_factors, centers, n_atoms
+            pair_features,
+            pair_vectors,
+            cutoff_factors,
+            centers,
+            n_atoms,
+            pair_harmonics,
         )
         s = coefficients.reshape(n_atoms, self.n_basis, self.n_properties)
         return torch.einsum("nmb,nbp->nmp", basis, s)

@@ -1,8 +1,10 @@
 """Output heads: per-atom predictions from backbone features (pure torch)."""
 
+from typing import Optional
+
 import torch
 
-__all__ = ["DirectHead", "PooledHead"]
+__all__ = ["DirectHead", "PooledHead", "pool_pairs"]
 
 
 class DirectHead(torch.nn.Module):
@@ -41,12 +43,15 @@ class DirectHead(torch.nn.Module):
         edges: torch.Tensor,
         fc: torch.Tensor,
         centers: torch.Tensor,
+        pooled: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         :param nodes: ``(n_atoms, d_node)``
         :param edges: ``(n_pairs, d_edge)``
         :param fc: ``(n_pairs,)`` cutoff factors
         :param centers: ``(n_pairs,)`` center of every pair
+        :param pooled: not used (the signature of :class:`PooledHead`, so that the
+            two are interchangeable in TorchScript)
         :return: ``(n_atoms, n_outputs)``
         """
         result = self.node_last(self.node_mlp(nodes))
@@ -84,15 +89,32 @@ class PooledHead(torch.nn.Module):
         edges: torch.Tensor,
         fc: torch.Tensor,
         centers: torch.Tensor,
+        pooled: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         :param nodes: ``(n_atoms, d_node)``
         :param edges: ``(n_pairs, d_edge)``
         :param fc: ``(n_pairs,)`` cutoff factors
         :param centers: ``(n_pairs,)`` center of every pair
+        :param pooled: optional :func:`pool_pairs` of these pairs (the same for
+            every head on the same features: a model computes it once)
         :return: ``(n_atoms, n_outputs)``
         """
-        pooled = torch.zeros(
-            nodes.shape[0], edges.shape[1], dtype=edges.dtype, device=edges.device
-        ).index_add(0, centers, edges * fc.unsqueeze(1))
+        if pooled is None:
+            pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
         return self.mlp(torch.cat([nodes, pooled], dim=1))
+
+
+def pool_pairs(
+    n_atoms: int, edges: torch.Tensor, fc: torch.Tensor, centers: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_j fc(r_ij) e_ij`` per atom, ``(n_atoms, d_edge)``.
+
+    :param n_atoms: number of atoms
+    :param edges: ``(n_pairs, d_edge)`` pair features
+    :param fc: ``(n_pairs,)`` cutoff factors
+    :param centers: ``(n_pairs,)`` center of every pair
+    """
+    return torch.zeros(
+        n_atoms, edges.shape[1], dtype=edges.dtype, device=edges.device
+    ).index_add(0, centers, edges * fc.unsqueeze(1))

@@ -14,7 +14,7 @@ values are sums over atoms.
 """
 
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,12 +28,12 @@ from metatomic.torch import (
     System,
 )
 
-from .basis import ScalarBasisHead
+from .basis import ScalarBasisHead, pair_directions
 from .data.targets import TargetSpec
 from .ecse import check_ecse_options
-from .heads import DirectHead, PooledHead
+from .heads import DirectHead, PooledHead, pool_pairs
 from .neighbors import reverse_pair_index, sort_pairs
-from .o3 import WignerD
+from .o3 import SolidHarmonics, WignerD
 from .pet import PET, PETFeatures, check_pet_hypers
 from .soap import InvariantScalarModel
 
@@ -245,6 +245,21 @@ class SOAPBackbone(torch.nn.Module):
         )
 
 
+def basis_inputs(
+    features: PETFeatures,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(nodes, edges, fc, centers)`` on which the scalar-basis heads are built:
+    ECSE's invariant frame averages when the backbone has frames, else the atoms' own
+    features (SOAP: invariant; plain PET: not)."""
+    nodes = features.invariant_nodes
+    edges = features.invariant_edges
+    fc = features.atom_fc
+    centers = features.centers
+    if nodes is None or edges is None or fc is None or centers is None:
+        return features.nodes, features.edges, features.fc, features.edge_owners
+    return nodes, edges, fc, centers
+
+
 class TargetReadout(torch.nn.Module):
     """Head and output transformation (scale, composition baseline) of one target.
 
@@ -321,6 +336,8 @@ class TargetReadout(torch.nn.Module):
         wigner: List[torch.Tensor],
         improper: torch.Tensor,
         edge_vectors: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]] = None,
+        pooled: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit.
 
@@ -332,9 +349,15 @@ class TargetReadout(torch.nn.Module):
         :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
         :param improper: ``(n_owners,)`` whether each owner's frame is improper
         :param edge_vectors: ``(n_pairs, 3)`` pair vectors (the scalar basis)
+        :param pair_harmonics: optional ``Y^l(r̂_ij)``, ``l = 0 …`` at least the
+            largest λ of the target, of :func:`symatomic.basis.pair_directions`
+        :param pooled: optional :func:`symatomic.heads.pool_pairs` of the
+            :func:`basis_inputs` of ``features``
         """
         if self.uses_basis:
-            return self._basis_forward(features, species, edge_vectors)
+            return self._basis_forward(
+                features, species, edge_vectors, pair_harmonics, pooled
+            )
         atom_nodes = features.atom_nodes
         atom_edges = features.atom_edges
         atom_fc = features.atom_fc
@@ -376,24 +399,22 @@ class TargetReadout(torch.nn.Module):
         return raw * self.scale + self.baseline.index_select(0, species)
 
     def _basis_forward(
-        self, features: PETFeatures, species: torch.Tensor, edge_vectors: torch.Tensor
+        self,
+        features: PETFeatures,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]],
+        pooled: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        nodes = features.invariant_nodes
-        edges = features.invariant_edges
-        fc = features.atom_fc
-        centers = features.centers
-        if nodes is None or edges is None or fc is None or centers is None:
-            # no frames: atoms own their features (SOAP: invariant; plain PET: not)
-            nodes = features.nodes
-            edges = features.edges
-            fc = features.fc
-            centers = features.edge_owners
-        coefficients = self.head(nodes, edges, fc, centers).split(
+        nodes, edges, fc, centers = basis_inputs(features)
+        coefficients = self.head(nodes, edges, fc, centers, pooled).split(
             self.coefficient_sizes, dim=1
         )
         blocks: List[torch.Tensor] = []
         for index, head in enumerate(self.basis_heads):
-            block = head(coefficients[index], edges, edge_vectors, fc, centers)
+            block = head(
+                coefficients[index], edges, edge_vectors, fc, centers, pair_harmonics
+            )
             blocks.append(block.reshape(block.shape[0], -1))
         raw = torch.cat(blocks, dim=1)
         return raw * self.scale + self.baseline.index_select(0, species)
@@ -492,6 +513,16 @@ class SymatomicModel(torch.nn.Module):
             }
         )
         self.target_names: List[str] = list(targets.keys())
+        # largest λ of a scalar-basis head (-1: none)
+        self.basis_max_lambda = max(
+            [
+                head.o3_lambda
+                for readout in self.readouts.values()
+                for head in readout.basis_heads
+            ]
+            + [-1]
+        )
+        self.basis_harmonics = SolidHarmonics(max(self.basis_max_lambda, 0))
         self.nl_options = NeighborListOptions(
             cutoff=self.cutoff, full_list=True, strict=True
         )
@@ -554,11 +585,27 @@ class SymatomicModel(torch.nn.Module):
             improper = determinant < 0
             sign = torch.where(improper, -1.0, 1.0).to(features.rotations.dtype)
             wigner = self.wigner(features.rotations * sign.reshape(-1, 1, 1))
+        # shared by every scalar-basis head: the harmonics of the pair directions
+        # and the pooled pair features of the coefficient heads
+        pair_harmonics: Optional[List[torch.Tensor]] = None
+        pooled: Optional[torch.Tensor] = None
+        if self.basis_max_lambda >= 0:
+            for name, readout in self.readouts.items():
+                if name in names and readout.uses_basis and pooled is None:
+                    nodes, edges, fc, centers = basis_inputs(features)
+                    pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
+                    pair_harmonics = self.basis_harmonics(pair_directions(edge_vectors))
         result: Dict[str, torch.Tensor] = {}
         for name, readout in self.readouts.items():
             if name in names:
                 result[name] = readout(
-                    features, species, wigner, improper, edge_vectors
+                    features,
+                    species,
+                    wigner,
+                    improper,
+                    edge_vectors,
+                    pair_harmonics,
+                    pooled,
                 )
         return result
 
