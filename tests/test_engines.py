@@ -227,20 +227,34 @@ def _domain_with_ghosts(atoms: ase.Atoms, local: np.ndarray, skin: float):
     return np.array(numbers), np.array(positions), np.array(origin)
 
 
+_SMALL_SOAP = {
+    "max_radial": 3,
+    "max_angular": 3,
+    "n_pseudo_species": 2,
+    "d_hidden": 8,
+    "d_out": 8,
+    "d_pair": 8,
+}
+
+
 @pytest.mark.parametrize(
-    "ecse, num_gnn_layers",
-    [(None, 2), ({"mode": "local"}, 1)],  # ECSE: one layer, fewer ghosts (time)
-    ids=["pet", "ecse"],
+    "changes, cutoffs",
+    [
+        ({}, 3),  # PET, 2 GNN layers: (2 + 1) cutoffs
+        ({"ecse": {"mode": "local"}, "num_gnn_layers": 1}, 2),  # fewer ghosts (time)
+        ({"backbone": "soap", "soap": _SMALL_SOAP}, 2),  # pair features reach 2
+    ],
+    ids=["pet", "ecse", "soap"],
 )
-def test_domain_decomposition_with_interaction_range(tmp_path, ecse, num_gnn_layers):
+def test_domain_decomposition_with_interaction_range(tmp_path, changes, cutoffs):
     """Split a periodic cell in two domains; each domain is a non-periodic system of
     its local atoms plus ghosts out to the declared ``interaction_range``. The sums of
     the local atoms' energies and the forces (ghost forces sent back to their owners)
-    equal the whole. With ghosts only out to the cutoff they do not: the range is
+    equal the whole. With ghosts one cutoff short of it they do not: the range is
     needed, and declaring it is what makes LAMMPS' decomposition valid."""
-    model = load_atomistic_model(_export(tmp_path, ecse, num_gnn_layers=num_gnn_layers))
+    model = load_atomistic_model(_export(tmp_path, **changes))
     interaction_range = model.capabilities().interaction_range
-    assert interaction_range == pytest.approx((num_gnn_layers + 1) * 3.5)
+    assert interaction_range == pytest.approx(cutoffs * TINY_MODEL["cutoff"])
     rng = np.random.default_rng()
     atoms = _random_crystal(rng)
     whole_energies, whole_gradient = _evaluate(
@@ -252,12 +266,14 @@ def test_domain_decomposition_with_interaction_range(tmp_path, ecse, num_gnn_lay
         per_atom=True,
     )
     fractional = atoms.get_scaled_positions()[:, int(rng.integers(3))]
-    threshold = float(rng.uniform(0.3, 0.7))
+    # a random plane between two atoms: both domains hold atoms
+    ordered = np.sort(fractional)
+    split = int(rng.integers(1, len(ordered)))
+    threshold = 0.5 * (ordered[split - 1] + ordered[split])
     domains = [
         np.nonzero(fractional < threshold)[0],
         np.nonzero(fractional >= threshold)[0],
     ]
-    assert all(len(d) > 0 for d in domains) or pytest.skip("empty domain drawn")
 
     def decomposed(skin):
         total = 0.0
