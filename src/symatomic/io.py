@@ -90,7 +90,7 @@ def _as_structures(
         if isinstance(item, Structure):
             result.append(item)
         elif isinstance(item, ase.Atoms):
-            result.append(structure_from_atoms(item, f"structure {index}"))
+            result.append(structure_from_atoms(item, f"#{index}"))
         else:
             raise TypeError(
                 f"expected ase.Atoms or Structure, got {type(item).__name__}"
