@@ -63,22 +63,21 @@ PET_SIZES = {
 
 #: symatomic variants: name → architecture.model additions
 OURS: Dict[str, Dict] = {
-    # exactly equivariant: invariant SOAP coefficients times the tensor basis (the
-    # default for data without energies)
+    # exactly equivariant: invariant SOAP coefficients times the tensor basis
     "soap-basis": {"backbone": "soap"},
-    # the same, with about as many parameters as metatrain's SOAP-BPNN on water
+    # the same, narrower
     "soap-basis-medium": {
         "backbone": "soap",
         "soap": {"n_pseudo_species": 2, "d_hidden": 64, "d_out": 64},
         "d_head": 64,
     },
+    # fewer parameters than metatrain's SOAP-BPNN (43k against 82k on water)
     "soap-basis-small": {
         "backbone": "soap",
         "soap": {"n_pseudo_species": 2, "d_hidden": 32, "d_out": 32},
         "d_head": 32,
     },
-    # exactly equivariant: ECSE-averaged PET features as coefficients (the default
-    # with energies)
+    # exactly equivariant: ECSE-averaged PET features as coefficients (the default)
     "pet-ecse-basis": {
         "backbone": "pet",
         "ecse": {"mode": "local", "frame_layers": 1},
@@ -226,7 +225,8 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=METATRAIN + ["soap-basis", "pet-ecse-basis", "pet-ecse"],
+        default=METATRAIN
+        + ["soap-basis", "soap-basis-small", "pet-ecse-basis", "pet-basis"],
     )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)

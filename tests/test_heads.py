@@ -253,15 +253,19 @@ def test_export_keeps_keys_and_exactness(tmp_path):
 def test_head_options():
     hypers = check_model_hypers({"backbone": "soap"})
     assert tensor_heads_of(hypers) == "basis" and is_exactly_equivariant(hypers)
-    # the defaults: exactly equivariant, PET + ECSE for energies, SOAP otherwise
+    # the defaults: exactly equivariant, PET + ECSE + basis heads, with or without
+    # energies
     specs = _specs()
-    defaults = resolve_model_hypers(check_model_hypers({}), specs)
-    assert defaults["backbone"] == "pet" and defaults["tensor_heads"] == "basis"
-    assert defaults["ecse"]["mode"] == "local" and defaults["ecse"]["frame_layers"] == 1
     tensors = {"mtt::tensor": specs["mtt::tensor"]}
-    defaults = resolve_model_hypers(check_model_hypers({}), tensors)
-    assert defaults["backbone"] == "soap" and defaults["ecse"]["mode"] == "none"
-    assert is_exactly_equivariant(defaults)
+    for targets in (specs, tensors):
+        defaults = resolve_model_hypers(check_model_hypers({}), targets)
+        assert defaults["backbone"] == "pet" and defaults["tensor_heads"] == "basis"
+        assert defaults["ecse"]["mode"] == "local"
+        assert defaults["ecse"]["frame_layers"] == 1
+        assert is_exactly_equivariant(defaults)
+    # the SOAP backbone needs no ECSE
+    soap = resolve_model_hypers(check_model_hypers({"backbone": "soap"}), tensors)
+    assert soap["ecse"]["mode"] == "none" and is_exactly_equivariant(soap)
     # the approximately equivariant model is opted into
     plain = resolve_model_hypers(check_model_hypers({"ecse": "none"}), specs)
     assert plain["backbone"] == "pet" and not is_exactly_equivariant(plain)

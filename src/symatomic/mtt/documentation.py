@@ -125,8 +125,9 @@ class ModelHypers(TypedDict):
     backbone: Literal["auto", "pet", "soap"] = "auto"
     """``pet``: the Point Edge Transformer; ``soap``: an exactly invariant SOAP
     power spectrum with an MLP (its tensor outputs use ``tensor_heads: basis``;
-    the model is then exactly O(3)-equivariant without ECSE); ``auto``: ``pet``
-    when a target is an energy, ``soap`` otherwise."""
+    the model is then exactly O(3)-equivariant without ECSE; much cheaper, a
+    little less accurate); ``auto``: ``pet`` (with ECSE: the most accurate on the
+    reference data)."""
     tensor_heads: Optional[Literal["direct", "basis"]] = None
     """How tensor (non-invariant) outputs are predicted: ``direct`` (components
     from the backbone's heads), ``basis`` (invariant coefficients times a basis
