@@ -209,7 +209,11 @@ def evaluate(
     for name in names:
         key = name[len("mtt::") :]
         predicted = predictions[name].block().values.reshape(len(frames), -1)
-        reference = torch.tensor(np.stack([a.info[key] for a in frames]))
+        # (one row per structure: a one-number block read back from a file is a
+        # scalar, and (n, 1) - (n,) would broadcast)
+        reference = torch.tensor(
+            np.stack([np.asarray(a.info[key]).reshape(-1) for a in frames])
+        )
         errors[name] = float(((predicted - reference) ** 2).mean().sqrt())
     parameters = sum(p.numel() for p in model.parameters())
     return errors, parameters
