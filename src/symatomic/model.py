@@ -158,10 +158,11 @@ def resolve_model_hypers(
 
     - ``backbone: auto`` → ``pet`` for every kind of target: PET is the more
       accurate energy model, and with ECSE-averaged coefficients and the scalar
-      basis it was also the most accurate on 10 of the 13 tensor targets of the
-      water monomer, water dimer and QM7-X reference data (the SOAP backbone, which
-      is 4-13x cheaper to train and ~50x cheaper to evaluate, on the other three;
-      closing note of issue 3, ``docs/heads.rst``);
+      basis it was also the most accurate exact model on 9 of the 13 tensor targets
+      of the water monomer, water dimer and QM7-X reference data, and ahead of
+      metatrain's SOAP-BPNN and PET on all 13 (the SOAP backbone, 4-13x cheaper to
+      train and ~50x cheaper to evaluate, is a little less accurate;
+      ``docs/heads.rst``);
     - ``ecse.mode: auto`` → ``local`` with ``frame_layers: 1`` (unless given) for
       PET, ``none`` for SOAP.
 
