@@ -11,6 +11,7 @@ from metatomic.torch.o3 import random_transformations
 from symatomic.o3 import (
     CartesianDecomposition,
     WignerD,
+    couple,
     inversion_parity,
     real_clebsch_gordan,
 )
@@ -265,3 +266,16 @@ def test_solid_harmonics_match_sphericart():
         expected = ours[o3_lambda].detach() @ wigner[o3_lambda][0].T
         assert torch.allclose(rotated[o3_lambda], expected, rtol=1e-12, atol=1e-10)
     assert len(torch.jit.script(SolidHarmonics(3))(vectors.detach())) == 4
+
+
+@pytest.mark.parametrize("n", [0, 1, 7])
+def test_couple_is_the_clebsch_gordan_contraction(n):
+    """``couple`` (outer product + matrix product) equals the plain contraction, also
+    for no rows (an isolated atom has no pairs)."""
+    for l1, l2 in [(1, 1), (2, 1), (3, 2)]:
+        for o3_lambda in range(abs(l1 - l2), l1 + l2 + 1):
+            coupling = torch.tensor(real_clebsch_gordan(l1, l2, o3_lambda))
+            a = torch.randn(n, 2 * l1 + 1, dtype=torch.float64)
+            b = torch.randn(n, 2 * l2 + 1, dtype=torch.float64)
+            expected = torch.einsum("na,nb,abm->nm", a, b, coupling)
+            assert torch.allclose(couple(a, b, coupling), expected, atol=1e-14)

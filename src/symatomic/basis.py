@@ -34,7 +34,7 @@ from typing import List, Optional
 
 import torch
 
-from .o3 import SolidHarmonics, real_clebsch_gordan
+from .o3 import SolidHarmonics, couple, real_clebsch_gordan
 
 __all__ = [
     "EquivariantVectors",
@@ -454,11 +454,11 @@ class TensorBasis(torch.nn.Module):
         ``(n_atoms, n_vectors, 2l+1)``."""
         a = harmonics[term[2]][:, term[1], :]
         b = harmonics[term[4]][:, term[3], :]
-        ab = torch.einsum("na,nb,abm->nm", a, b, couplings[term[7]])
+        ab = couple(a, b, couplings[term[7]])
         if term[6] < 0:  # a pair term: no third vector
             return ab * scale
         c = harmonics[1][:, term[6], :]
-        return torch.einsum("na,nb,abm->nm", ab, c, couplings[term[8]]) * scale
+        return couple(ab, c, couplings[term[8]]) * scale
 
     def forward(
         self, vectors: torch.Tensor, density: Optional[torch.Tensor] = None

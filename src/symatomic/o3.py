@@ -31,6 +31,7 @@ __all__ = [
     "CartesianBlock",
     "complex_to_real_transform",
     "real_clebsch_gordan",
+    "couple",
     "inversion_parity",
 ]
 
@@ -336,6 +337,20 @@ class WignerD(torch.nn.Module):
         return result
 
 
+def couple(a: torch.Tensor, b: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
+    """Clebsch–Gordan coupling ``[a ⊗ b]_λ`` of per-row spherical components.
+
+    ``a``: ``(n, 2l1+1)``, ``b``: ``(n, 2l2+1)``, ``coupling``: ``(2l1+1, 2l2+1,
+    2λ+1)`` (:func:`real_clebsch_gordan`); returns ``(n, 2λ+1)``. The same as
+    ``einsum("na,nb,abm->nm", a, b, coupling)``, as one outer product and one matrix
+    product (fewer, larger operations than einsum's reshapes and batched products).
+    """
+    n = a.shape[0]
+    size = coupling.shape[0] * coupling.shape[1]
+    outer = (a.unsqueeze(2) * b.unsqueeze(1)).reshape(n, size)
+    return torch.matmul(outer, coupling.reshape(size, coupling.shape[2]))
+
+
 class SolidHarmonics(torch.nn.Module):
     """Real solid harmonics ``r^λ Y^λ_μ(r̂)``, differentiable and scriptable.
 
@@ -392,6 +407,6 @@ class SolidHarmonics(torch.nn.Module):
         previous = first
         for coupling in self.couplings:
             c = coupling.to(dtype=dtype, device=device)
-            previous = torch.einsum("na,nb,abm->nm", previous, first, c)
+            previous = couple(previous, first, c)
             unscaled.append(previous)
         return [values * self.scales[i] for i, values in enumerate(unscaled)]
