@@ -29,6 +29,16 @@ TINY_MODEL = {
     "num_gnn_layers": 2,
 }
 
+#: a small SOAP backbone (``architecture.model.soap``) for fast tests
+SMALL_SOAP = {
+    "max_radial": 3,
+    "max_angular": 3,
+    "n_pseudo_species": 2,
+    "d_hidden": 16,
+    "d_out": 16,
+    "d_pair": 8,
+}
+
 
 def shared_data(name: str) -> str:
     """Path of a file of ``../shared/data``; skips the test when it is absent."""

@@ -21,7 +21,7 @@ from metatomic.torch import (
 )
 
 import symatomic.io
-from conftest import TINY_MODEL
+from conftest import SMALL_SOAP, TINY_MODEL
 from symatomic.data.targets import parse_target_options
 from symatomic.model import SymatomicModel
 from symatomic.train import export_model
@@ -227,22 +227,12 @@ def _domain_with_ghosts(atoms: ase.Atoms, local: np.ndarray, skin: float):
     return np.array(numbers), np.array(positions), np.array(origin)
 
 
-_SMALL_SOAP = {
-    "max_radial": 3,
-    "max_angular": 3,
-    "n_pseudo_species": 2,
-    "d_hidden": 8,
-    "d_out": 8,
-    "d_pair": 8,
-}
-
-
 @pytest.mark.parametrize(
     "changes, cutoffs",
     [
         ({}, 3),  # PET, 2 GNN layers: (2 + 1) cutoffs
         ({"ecse": {"mode": "local"}, "num_gnn_layers": 1}, 2),  # fewer ghosts (time)
-        ({"backbone": "soap", "soap": _SMALL_SOAP}, 2),  # pair features reach 2
+        ({"backbone": "soap", "soap": SMALL_SOAP}, 2),  # pair features reach 2
     ],
     ids=["pet", "ecse", "soap"],
 )

@@ -10,6 +10,7 @@ import torch
 
 import symatomic.io
 from conftest import (
+    SMALL_SOAP,
     TINY_MODEL,
     predict_structure,
     random_operation,
@@ -31,14 +32,6 @@ IRREPS = [
     {"o3_lambda": lam, "o3_sigma": s} for lam in range(MAX_LAMBDA + 1) for s in (1, -1)
 ]
 TYPES = [1, 6, 8]
-SMALL_SOAP = {
-    "max_radial": 3,
-    "max_angular": 3,
-    "n_pseudo_species": 2,
-    "d_hidden": 16,
-    "d_out": 16,
-    "d_pair": 8,
-}
 
 CONFIGURATIONS = {
     "soap": {"backbone": "soap", "soap": SMALL_SOAP, "basis_hidden": 8},

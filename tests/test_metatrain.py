@@ -47,6 +47,7 @@ from metatrain.utils.testing import (  # noqa: E402
 
 import symatomic  # noqa: E402
 import symatomic.mtt  # noqa: E402
+from conftest import SMALL_SOAP  # noqa: E402
 from symatomic.data.structures import read_frames  # noqa: E402
 
 symatomic.mtt.register()
@@ -251,30 +252,19 @@ class TestTorchscriptECSE(TestTorchscriptPET):
 
 # ---------------------------------------------- SOAP backbone + scalar-basis heads
 
-SMALL_SOAP = {
-    "backbone": "soap",
-    "soap": {
-        "max_radial": 3,
-        "max_angular": 3,
-        "n_pseudo_species": 2,
-        "d_hidden": 16,
-        "n_hidden_layers": 2,
-        "d_out": 16,
-        "d_pair": 8,
-    },
-}
+SOAP_MODEL = {"backbone": "soap", "soap": SMALL_SOAP}
 
 
 class TestOutputSOAP(TestOutputPET):
     # invariant SOAP coefficients times the tensor basis: exactly O(3)-equivariant
-    extra = SMALL_SOAP
+    extra = SOAP_MODEL
     is_equivariant_rotations = True
     is_equivariant_reflections = True
 
 
 class TestTorchscriptSOAP(TestTorchscriptECSE):
     ecse = {"mode": "none"}
-    extra = SMALL_SOAP
+    extra = SOAP_MODEL
 
 
 class TestTrainingECSE(_Symatomic):

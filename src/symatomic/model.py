@@ -515,16 +515,17 @@ class SymatomicModel(torch.nn.Module):
             }
         )
         self.target_names: List[str] = list(targets.keys())
-        # largest λ of a scalar-basis head (-1: none)
-        self.basis_max_lambda = max(
-            [
-                head.o3_lambda
-                for readout in self.readouts.values()
-                for head in readout.basis_heads
-            ]
-            + [-1]
+        # harmonics of the pair directions up to the largest λ of a scalar-basis head
+        self.basis_harmonics = SolidHarmonics(
+            max(
+                [
+                    head.o3_lambda
+                    for readout in self.readouts.values()
+                    for head in readout.basis_heads
+                ]
+                + [0]
+            )
         )
-        self.basis_harmonics = SolidHarmonics(max(self.basis_max_lambda, 0))
         self.nl_options = NeighborListOptions(
             cutoff=self.cutoff, full_list=True, strict=True
         )
@@ -589,14 +590,16 @@ class SymatomicModel(torch.nn.Module):
             wigner = self.wigner(features.rotations * sign.reshape(-1, 1, 1))
         # shared by every scalar-basis head: the harmonics of the pair directions
         # and the pooled pair features of the coefficient heads
+        uses_basis = False
+        for name, readout in self.readouts.items():
+            if name in names and readout.uses_basis:
+                uses_basis = True
         pair_harmonics: Optional[List[torch.Tensor]] = None
         pooled: Optional[torch.Tensor] = None
-        if self.basis_max_lambda >= 0:
-            for name, readout in self.readouts.items():
-                if name in names and readout.uses_basis and pooled is None:
-                    nodes, edges, fc, centers = basis_inputs(features)
-                    pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
-                    pair_harmonics = self.basis_harmonics(pair_directions(edge_vectors))
+        if uses_basis:
+            nodes, edges, fc, centers = basis_inputs(features)
+            pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
+            pair_harmonics = self.basis_harmonics(pair_directions(edge_vectors))
         result: Dict[str, torch.Tensor] = {}
         for name, readout in self.readouts.items():
             if name in names:
