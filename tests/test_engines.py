@@ -95,12 +95,15 @@ def test_per_atom_outputs_are_declared(tmp_path):
     )
 
 
-@pytest.mark.parametrize("ecse", [None, {"mode": "local"}], ids=["pet", "ecse"])
+@pytest.mark.parametrize(
+    "ecse", [None, {"mode": "local"}, "auto"], ids=["pet", "ecse", "invariant"]
+)
 def test_ase_calculator_matches_model(tmp_path, ecse):
     """metatomic's ASE calculator gives the model's own energy, per-atom energies,
     forces, stress and tensor outputs (as additional outputs)."""
     from metatomic_ase import MetatomicCalculator
 
+    # "auto": the default, PET with invariant edge inputs
     path = _export(tmp_path, ecse)
     atoms = _random_crystal(np.random.default_rng(1))
     reference = symatomic.io.predict(path, atoms)
@@ -233,8 +236,10 @@ def _domain_with_ghosts(atoms: ase.Atoms, local: np.ndarray, skin: float):
         ({}, 3),  # PET, 2 GNN layers: (2 + 1) cutoffs
         ({"ecse": {"mode": "local"}, "num_gnn_layers": 1}, 2),  # fewer ghosts (time)
         ({"backbone": "soap", "soap": SMALL_SOAP}, 2),  # pair features reach 2
+        # the default: invariant edge inputs (densities of i's pairs in every layer)
+        ({"ecse": "auto", "edge_inputs": "invariant"}, 3),
     ],
-    ids=["pet", "ecse", "soap"],
+    ids=["pet", "ecse", "soap", "invariant"],
 )
 def test_domain_decomposition_with_interaction_range(tmp_path, changes, cutoffs):
     """Split a periodic cell in two domains; each domain is a non-periodic system of

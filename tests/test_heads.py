@@ -35,6 +35,8 @@ TYPES = [1, 6, 8]
 
 CONFIGURATIONS = {
     "soap": {"backbone": "soap", "soap": SMALL_SOAP, "basis_hidden": 8},
+    # the default: PET with invariant edge inputs, no frames
+    "pet-invariant": {"ecse": "auto", "edge_inputs": "auto", "basis_hidden": 8},
     "pet-ecse": {
         "tensor_heads": "basis",
         "ecse": {"mode": "local", "frame_layers": 1},
@@ -246,16 +248,30 @@ def test_export_keeps_keys_and_exactness(tmp_path):
 def test_head_options():
     hypers = check_model_hypers({"backbone": "soap"})
     assert tensor_heads_of(hypers) == "basis" and is_exactly_equivariant(hypers)
-    # the defaults: exactly equivariant, PET + ECSE + basis heads, with or without
-    # energies
+    # the defaults: exactly equivariant, PET with invariant edge inputs (no
+    # frames) + basis heads, with or without energies
     specs = _specs()
     tensors = {"mtt::tensor": specs["mtt::tensor"]}
     for targets in (specs, tensors):
         defaults = resolve_model_hypers(check_model_hypers({}), targets)
         assert defaults["backbone"] == "pet" and defaults["tensor_heads"] == "basis"
-        assert defaults["ecse"]["mode"] == "local"
-        assert defaults["ecse"]["frame_layers"] == 1
+        assert defaults["edge_inputs"] == "invariant"
+        assert defaults["ecse"]["mode"] == "none"
         assert is_exactly_equivariant(defaults)
+    # ECSE asked for: Cartesian inputs, frames in the first attention layer
+    framed = resolve_model_hypers(check_model_hypers({"ecse": "local"}), specs)
+    assert framed["edge_inputs"] == "cartesian"
+    assert framed["ecse"]["frame_layers"] is None and is_exactly_equivariant(framed)
+    framed = resolve_model_hypers(
+        check_model_hypers({"edge_inputs": "cartesian"}), specs
+    )
+    assert framed["ecse"]["mode"] == "local" and framed["ecse"]["frame_layers"] == 1
+    with pytest.raises(ValueError, match="edge_inputs: cartesian"):
+        check_model_hypers({"edge_inputs": "invariant", "ecse": "local"})
+    with pytest.raises(ValueError, match="tensor_heads: basis"):
+        check_model_hypers({"edge_inputs": "invariant", "tensor_heads": "direct"})
+    with pytest.raises(ValueError, match="edge_inputs must be one of"):
+        check_model_hypers({"edge_inputs": "spherical"})
     # the SOAP backbone needs no ECSE
     soap = resolve_model_hypers(check_model_hypers({"backbone": "soap"}), tensors)
     assert soap["ecse"]["mode"] == "none" and is_exactly_equivariant(soap)

@@ -61,6 +61,7 @@ SOAP_DEFAULT_HYPERS: Dict[str, Any] = {
 
 _BACKBONES = ("auto", "pet", "soap")
 _TENSOR_HEADS = ("direct", "basis")
+_EDGE_INPUTS = ("auto", "invariant", "cartesian")
 
 
 def _check_soap_hypers(options: Any, where: str) -> Dict[str, Any]:
@@ -122,6 +123,21 @@ def check_model_hypers(
             f"{where}: ecse applies to the pet backbone; the soap backbone is exactly "
             "invariant already"
         )
+    edge_inputs = hypers.pop("edge_inputs", "auto")
+    if edge_inputs not in _EDGE_INPUTS:
+        raise ValueError(
+            f"{where}.edge_inputs must be one of {_EDGE_INPUTS}, got {edge_inputs!r}"
+        )
+    if edge_inputs == "invariant" and ecse["mode"] == "local":
+        raise ValueError(
+            f"{where}: ecse frames need edge_inputs: cartesian (with edge_inputs: "
+            "invariant, PET is exactly invariant without frames)"
+        )
+    if edge_inputs == "invariant" and tensor_heads == "direct":
+        raise ValueError(
+            f"{where}: with edge_inputs: invariant, tensor outputs need "
+            "tensor_heads: basis (direct heads of an invariant PET are invariant)"
+        )
     basis_hidden = hypers.pop("basis_hidden", 0)
     if isinstance(basis_hidden, bool) or not isinstance(basis_hidden, int):
         raise ValueError(
@@ -130,6 +146,7 @@ def check_model_hypers(
     if basis_hidden < 0:
         raise ValueError(f"{where}.basis_hidden must be >= 0, got {basis_hidden}")
     result = check_pet_hypers(hypers, where)
+    result["edge_inputs"] = edge_inputs
     result["ecse"] = ecse
     result["backbone"] = backbone
     result["soap"] = soap
@@ -173,6 +190,19 @@ def resolve_model_hypers(
     ecse = dict(result["ecse"])
     if result["backbone"] == "auto":
         result["backbone"] = "pet"
+    if result.get("edge_inputs", "auto") == "auto":
+        # an explicit ecse mode asks for PET's Cartesian inputs (frames, or the
+        # unconstrained PET one opts into); otherwise invariant inputs
+        result["edge_inputs"] = "invariant" if ecse["mode"] == "auto" else "cartesian"
+    if result["backbone"] == "soap":
+        result["edge_inputs"] = "cartesian"
+    if result["edge_inputs"] == "invariant":
+        if ecse["mode"] == "local":
+            raise ValueError(
+                "ecse frames need edge_inputs: cartesian; with edge_inputs: "
+                "invariant PET is exactly invariant without frames"
+            )
+        ecse["mode"] = "none"
     if ecse["mode"] == "auto":
         if result["backbone"] == "pet":
             ecse["mode"] = "local"
@@ -193,7 +223,11 @@ def resolve_model_hypers(
 def is_exactly_equivariant(hypers: Dict[str, Any]) -> bool:
     """Whether a model with these (checked) hyper-parameters is exactly
     O(3)-equivariant in every output: the SOAP backbone, or PET with ECSE."""
-    return hypers["backbone"] == "soap" or hypers["ecse"]["mode"] != "none"
+    return (
+        hypers["backbone"] == "soap"
+        or hypers["ecse"]["mode"] != "none"
+        or hypers.get("edge_inputs") == "invariant"
+    )
 
 
 class SOAPBackbone(torch.nn.Module):
@@ -482,6 +516,7 @@ class SymatomicModel(torch.nn.Module):
         self.register_buffer("type_to_index", type_to_index)
 
         model_only = ("ecse", "backbone", "soap", "tensor_heads", "basis_hidden")
+        # edge_inputs is resolved (invariant or cartesian): PET takes it
         pet_hypers = {k: v for k, v in self.hypers.items() if k not in model_only}
         ecse = self.hypers["ecse"]
         self.tensor_heads = tensor_heads_of(self.hypers)

@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .density import PairDensityProjections, radial_basis
 from .ecse import ECSE_DEFAULTS, ECSEFrames
+from .o3 import SolidHarmonics
 from .smooth import cutoff_function
 
 __all__ = ["PET", "PET_DEFAULT_HYPERS", "check_pet_hypers", "count_parameters"]
@@ -37,6 +39,11 @@ PET_DEFAULT_HYPERS: Dict[str, Any] = {
     "num_gnn_layers": 2,
     "normalization": "RMSNorm",
     "activation": "SwiGLU",
+    "edge_inputs": "cartesian",
+    "density_max_angular": 3,
+    "density_max_radial": 5,
+    "density_channels": 8,
+    "density_features": 16,
 }
 
 _HYPER_TYPES = {
@@ -51,6 +58,11 @@ _HYPER_TYPES = {
     "num_gnn_layers": int,
     "normalization": str,
     "activation": str,
+    "edge_inputs": str,
+    "density_max_angular": int,
+    "density_max_radial": int,
+    "density_channels": int,
+    "density_features": int,
 }
 
 
@@ -96,6 +108,17 @@ def check_pet_hypers(
         raise ValueError(f"{where}.normalization must be 'RMSNorm' or 'LayerNorm'")
     if result["activation"] not in ("SwiGLU", "SiLU"):
         raise ValueError(f"{where}.activation must be 'SwiGLU' or 'SiLU'")
+    if result["edge_inputs"] not in ("cartesian", "invariant"):
+        raise ValueError(
+            f"{where}.edge_inputs must be 'cartesian' or 'invariant', got "
+            f"{result['edge_inputs']!r}"
+        )
+    for name in ("density_max_angular", "density_max_radial"):
+        if result[name] < 0:
+            raise ValueError(f"{where}.{name} must not be negative")
+    for name in ("density_channels", "density_features"):
+        if result[name] < 1:
+            raise ValueError(f"{where}.{name} must be positive")
     return result
 
 
@@ -279,7 +302,13 @@ class AttentionLayer(torch.nn.Module):
 class GNNLayer(torch.nn.Module):
     """One message-passing layer: edge tokens, then ``num_attention_layers`` layers."""
 
-    def __init__(self, hypers: Dict[str, Any], n_species: int, is_first: bool):
+    def __init__(
+        self,
+        hypers: Dict[str, Any],
+        n_species: int,
+        is_first: bool,
+        d_geometry: int = 4,
+    ):
         super().__init__()
         d_pet = int(hypers["d_pet"])
         # Edge tokens: compress(cat[embed(x, y, z, r), embed(species_j), m_ji]) with a
@@ -287,7 +316,7 @@ class GNNLayer(torch.nn.Module):
         # linear in each input, so it is written as a sum of three maps (the same
         # functions, fewer operations: no (n_pairs, 3 d) concatenation, and the
         # geometry and species maps act on 4 numbers and on a table).
-        self.geometry_input = torch.nn.Linear(4, d_pet)
+        self.geometry_input = torch.nn.Linear(d_geometry, d_pet)
         # the first layer's messages already are neighbor-species embeddings
         self.species_inputs = torch.nn.ModuleList(
             [] if is_first else [torch.nn.Embedding(n_species, d_pet)]
@@ -309,7 +338,8 @@ class GNNLayer(torch.nn.Module):
         """
         :param nodes: ``(n_atoms, d_node)``
         :param messages: ``(n_pairs, d_pet)`` incoming messages
-        :param edge_geometry: ``(n_pairs, 4)``: ``(x, y, z, r)`` of the pair vectors
+        :param edge_geometry: ``(n_pairs, d_geometry)``: ``(x, y, z, r)`` of the pair
+            vectors, or invariant pair features
         :param neighbor_species: ``(n_pairs,)`` species index of the neighbors
         :return: updated nodes and the output edge tokens ``(n_pairs, d_pet)``
         """
@@ -423,8 +453,42 @@ class PET(torch.nn.Module):
         self.max_groups = 4
         self.node_embedding = torch.nn.Embedding(n_species, self.d_node)
         self.message_embedding = torch.nn.Embedding(n_species, self.d_pet)
+        self.invariant_inputs = hypers["edge_inputs"] == "invariant"
+        if self.invariant_inputs and ecse is not None:
+            raise ValueError(
+                "ECSE frames need PET's Cartesian edge inputs (edge_inputs: "
+                "cartesian); with edge_inputs: invariant PET is exactly invariant "
+                "by itself"
+            )
+        densities: List[PairDensityProjections] = []
+        d_geometry = 4
+        max_angular = 0
+        if self.invariant_inputs:
+            max_angular = int(hypers["density_max_angular"])
+            # 0.1 atoms per Å³ (liquid water) inside the cutoff
+            average_neighbors = max(4.0 / 3.0 * math.pi * self.cutoff**3 * 0.1, 1.0)
+            for _ in range(self.num_gnn_layers):
+                densities.append(
+                    PairDensityProjections(
+                        self.d_pet,
+                        max_angular=max_angular,
+                        max_radial=int(hypers["density_max_radial"]),
+                        n_channels=int(hypers["density_channels"]),
+                        n_outputs=int(hypers["density_features"]),
+                        average_neighbors=average_neighbors,
+                    )
+                )
+            d_geometry = 2 + int(hypers["density_max_radial"]) + densities[0].n_features
+        self.densities = torch.nn.ModuleList(densities)
+        self.density_radial = radial_basis(
+            self.cutoff, int(hypers["density_max_radial"])
+        )
+        self.density_harmonics = SolidHarmonics(max_angular)
         self.gnn_layers = torch.nn.ModuleList(
-            [GNNLayer(hypers, n_species, i == 0) for i in range(self.num_gnn_layers)]
+            [
+                GNNLayer(hypers, n_species, i == 0, d_geometry)
+                for i in range(self.num_gnn_layers)
+            ]
         )
         self.combination_norms = torch.nn.ModuleList(
             [torch.nn.LayerNorm(2 * self.d_pet) for _ in range(self.num_gnn_layers)]
@@ -500,9 +564,27 @@ class PET(torch.nn.Module):
 
         edge_geometry = torch.cat([edge_vectors, distances.unsqueeze(1)], dim=1)
         layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
+        harmonics: List[torch.Tensor] = []
+        radial = distances.unsqueeze(1)
+        if self.invariant_inputs:
+            harmonics = self.density_harmonics(edge_vectors / distances.unsqueeze(1))
+            radial = torch.cat(
+                [distances.unsqueeze(1), self.density_radial(distances)], dim=1
+            )
+        layer_index = 0
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
         ):
+            if self.invariant_inputs:
+                # invariant edge inputs: r_ij, R_n(r_ij) and the projections of the
+                # (message-weighted) neighbor density on r̂_ij
+                for index, density in enumerate(self.densities):
+                    if index == layer_index:
+                        projections = density(
+                            messages, radial[:, 1:], harmonics, fc, centers, n_atoms
+                        )
+                        edge_geometry = torch.cat([radial, projections], dim=1)
+            layer_index += 1
             nodes, edges = gnn_layer(
                 nodes, messages, edge_geometry, neighbor_species, layout
             )
