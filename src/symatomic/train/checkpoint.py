@@ -1,13 +1,15 @@
 """Checkpoints: written atomically, validated when read."""
 
 import os
-import tempfile
+import pickle
+import warnings
 import zipfile
 from typing import Any, Dict, Optional
 
 import torch
 
 from .. import __version__
+from ..files import atomic_write
 
 __all__ = [
     "save_checkpoint",
@@ -15,6 +17,7 @@ __all__ = [
     "model_from_checkpoint",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "torch_load_reason",
     "upgrade_model_hypers",
 ]
 
@@ -39,19 +42,11 @@ def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
     checkpoint["format"] = CHECKPOINT_FORMAT
     checkpoint["version"] = CHECKPOINT_VERSION
     checkpoint["symatomic_version"] = __version__
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
+    with atomic_write(path) as temporary:
+        with open(temporary, "wb") as file:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
@@ -104,15 +99,15 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        with warnings.catch_warnings():
+            # torch's remarks on pickle protocols are no news to the user
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, unpickling errors of all kinds
         raise ValueError(
             f"checkpoint '{path}' is corrupt or not a symatomic checkpoint "
-            f"(could not be read: {str(error).splitlines()[0] if str(error) else error!r})"
-        ) from None
-    except Exception as error:  # unpickling errors of all kinds
-        raise ValueError(
-            f"checkpoint '{path}' is corrupt or not a symatomic checkpoint ({error!r})"
+            f"({torch_load_reason(error)}); use another checkpoint of the run "
+            "(last.ckpt, model.ckpt or checkpoints/epoch-N.ckpt)"
         ) from None
     if (
         not isinstance(checkpoint, dict)
@@ -126,6 +121,26 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise ValueError(f"checkpoint '{path}' is incomplete: missing {missing}")
     return upgrade_checkpoint(checkpoint, path)
+
+
+def torch_load_reason(error: BaseException) -> str:
+    """The reason why ``torch.load`` (or ``torch.jit.load``) failed, in a few words,
+    without torch's advice to load untrusted files with ``weights_only=False``."""
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(
+        error
+    ):
+        return "it holds Python objects that a checkpoint never contains"
+    if isinstance(error, (EOFError, zipfile.BadZipFile, OSError)):
+        return "the file is truncated or damaged"
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    if "PytorchStreamReader" in line or "central directory" in line:
+        return "the file is truncated or not a PyTorch archive"
+    # keep the first sentence: torch appends paragraphs of advice
+    sentence = line.split(". ")[0].rstrip(".")
+    return sentence[:200]
 
 
 def model_from_checkpoint(
