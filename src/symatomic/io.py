@@ -14,7 +14,6 @@ metatensor and metatrain.
 
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Union
 
 import ase
@@ -29,13 +28,20 @@ from metatomic.torch import (
     load_atomistic_model,
 )
 
-from .data.structures import Structure, read_frames, structure_from_atoms
+from .data.structures import (
+    Structure,
+    read_frames,
+    structure_from_atoms,
+    warn_overlapping_atoms,
+)
 from .data.targets import TargetSpec
+from .files import atomic_write
 
 __all__ = [
     "predict",
     "save",
     "load",
+    "load_model",
     "targets_to_tensormap",
     "model_target_specs",
     "add_neighbor_lists",
@@ -46,16 +52,8 @@ TARGETS_METADATA_KEY = "symatomic:targets"
 
 def save(path: str, tensor: TensorMap) -> None:
     """Save a TensorMap with :func:`metatensor.torch.save`, atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".mts", dir=folder)
-    os.close(handle)
-    try:
+    with atomic_write(path) as temporary:
         mts.save(temporary, tensor)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def load(path: str) -> TensorMap:
@@ -63,6 +61,31 @@ def load(path: str) -> TensorMap:
     if not os.path.exists(path):
         raise FileNotFoundError(f"'{path}' does not exist")
     return mts.load(path)
+
+
+def load_model(path: str) -> AtomisticModel:
+    """Load an exported metatomic model, with a one-line error for a missing,
+    truncated or foreign file (``ValueError``, ``FileNotFoundError``)."""
+    from .train.checkpoint import torch_load_reason
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model '{path}' does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"model '{path}' is a directory, not an exported model")
+    try:
+        return load_atomistic_model(path)
+    except Exception as error:
+        hint = (
+            "it looks like a checkpoint: export it with 'symatomic export "
+            f"{path} -o model.pt'"
+            if path.endswith(".ckpt")
+            else "export the model again with 'symatomic export CHECKPOINT -o "
+            f"{path} --force'"
+        )
+        raise ValueError(
+            f"model '{path}' is not a readable metatomic model "
+            f"({torch_load_reason(error)}); {hint}"
+        ) from None
 
 
 def model_target_specs(model: AtomisticModel) -> Dict[str, TargetSpec]:
@@ -119,9 +142,7 @@ def predict(
         in the order of ``structures``)
     """
     if isinstance(model, str):
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"model '{model}' does not exist")
-        model = load_atomistic_model(model)
+        model = load_model(model)
     capabilities = model.capabilities()
     dtype = torch.float64 if capabilities.dtype == "float64" else torch.float32
     all_structures = _as_structures(structures)
@@ -179,6 +200,7 @@ def predict(
                 )
             )
         add_neighbor_lists(systems, model)
+        _warn_overlapping_atoms(chunk, systems, capabilities.length_unit)
         results = model(systems, options, check_consistency=False)
         for name in names:
             tensor = results[name]
@@ -197,6 +219,30 @@ def add_neighbor_lists(systems: List[System], model: AtomisticModel) -> None:
     length_unit = model.capabilities().length_unit
     for calculator in neighbor_lists_for_model(length_unit, model):
         calculator.add_neighbor_list(systems)
+
+
+def _warn_overlapping_atoms(
+    structures: Sequence[Structure], systems: List[System], length_unit: str
+) -> None:
+    """Warn for structures with atoms closer than
+    :data:`symatomic.data.structures.OVERLAP_DISTANCE` (from the model's first
+    neighbor list)."""
+    for structure, system in zip(structures, systems):
+        known = system.known_neighbor_lists()
+        if not known:
+            continue
+        pairs = system.get_neighbor_list(known[0])
+        samples = pairs.samples
+        distances = torch.linalg.vector_norm(
+            pairs.values.detach().reshape(-1, 3), dim=1
+        )
+        warn_overlapping_atoms(
+            structure.source,
+            samples.column("first_atom"),
+            samples.column("second_atom"),
+            distances,
+            length_unit,
+        )
 
 
 def _natural_sample_kind(model: AtomisticModel, name: str) -> str:

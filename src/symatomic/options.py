@@ -209,7 +209,27 @@ def check_options(options: Dict[str, Any]) -> Dict[str, Any]:
                 raise ValueError(
                     f"{section} as a fraction must be in [0, 1), got {value}"
                 )
+    for section in ("training_set", "validation_set", "test_set"):
+        _check_data_section(options[section], section)
     return options
+
+
+def _check_data_section(section: Any, where: str) -> None:
+    """Check the ``systems`` (length unit) and ``targets`` (units, types) of a data
+    set section now, before any file is read or any epoch is run; the files
+    themselves are checked when they are read."""
+    from .data.readers import parse_systems_options
+    from .data.targets import parse_target_options
+
+    if not isinstance(section, dict) or "systems" not in section:
+        return  # a fraction, {indices: ...} or a path (read and checked later)
+    systems = parse_systems_options(section["systems"], where)
+    targets = section.get("targets") or {}
+    if isinstance(targets, dict):
+        for name, target in targets.items():
+            parse_target_options(
+                str(name), target, systems["read_from"], where=f"{where}.targets"
+            )
 
 
 def check_training_hypers(

@@ -20,12 +20,43 @@ from metatensor.torch import TensorMap
 from .structures import Structure, read_frames, structure_from_atoms
 from .targets import TargetSpec, check_layout_matches, parse_target_options
 
-__all__ = ["read_dataset", "parse_systems_options", "read_targets_into"]
+__all__ = [
+    "MissingDataError",
+    "read_dataset",
+    "parse_systems_options",
+    "read_targets_into",
+]
 
 LOGGER = logging.getLogger(__name__)
 
 #: relative size of the antisymmetric part below which a Cartesian tensor is symmetric
 SYMMETRY_TOLERANCE = 1e-6
+
+
+class MissingDataError(KeyError, ValueError):
+    """A value a target needs is missing from a structure (a ``KeyError`` for the
+    readers that skip optional data, a ``ValueError`` for everyone else)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def check_length_unit(unit: Any, where: str) -> str:
+    """Reject length units metatomic does not know (or that are not lengths) when
+    the options are read, not at export after the training."""
+    from metatomic.torch import unit_conversion_factor
+
+    if not isinstance(unit, str) or not unit:
+        raise ValueError(f"{where}: length_unit must be a unit name, got {unit!r}")
+    try:
+        unit_conversion_factor(unit, "angstrom")
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else repr(error)
+        raise ValueError(
+            f"{where}: '{unit}' is not a length unit metatomic knows ({message}); "
+            "e.g. angstrom, bohr, nm"
+        ) from None
+    return unit
 
 
 def parse_systems_options(options: Any, where: str) -> Dict[str, Any]:
@@ -42,7 +73,9 @@ def parse_systems_options(options: Any, where: str) -> Dict[str, Any]:
     return {
         "read_from": str(options["read_from"]),
         "reader": options.get("reader"),
-        "length_unit": options.get("length_unit") or "angstrom",
+        "length_unit": check_length_unit(
+            options.get("length_unit") or "angstrom", f"{where}.systems.length_unit"
+        ),
     }
 
 
@@ -176,7 +209,7 @@ def _info_or_array(
                 f"; it is in atoms.{'info' if per_atom else 'arrays'}: "
                 f"set sample_kind: {'system' if per_atom else 'atom'}"
             )
-        raise KeyError(
+        raise MissingDataError(
             f"key '{key}' for target '{name}' not found in {where} of {source}{hint}"
         )
     try:

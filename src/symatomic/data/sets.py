@@ -8,7 +8,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .readers import read_dataset
-from .structures import Structure, check_atomic_types, compute_neighbors
+from .structures import (
+    Structure,
+    check_atomic_types,
+    check_overlapping_atoms,
+    compute_neighbors,
+)
 from .targets import TargetSpec
 
 __all__ = ["DataSets", "load_data_sets", "load_indices"]
@@ -172,6 +177,10 @@ def load_data_sets(
     for structure in train + sets.get("validation_set", []) + sets.get("test_set", []):
         if structure.centers is None or structure.cutoff != cutoff:
             compute_neighbors(structure, cutoff)
+    check_overlapping_atoms(
+        train + sets.get("validation_set", []) + sets.get("test_set", []),
+        systems["length_unit"],
+    )
 
     return DataSets(
         train=train,

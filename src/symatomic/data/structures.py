@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -16,7 +17,26 @@ import vesin
 
 from ..neighbors import pair_vectors, reverse_pair_index, sort_pairs
 
-__all__ = ["Structure", "read_frames", "structure_from_atoms", "compute_neighbors"]
+__all__ = [
+    "OVERLAP_DISTANCE",
+    "OverlappingAtomsWarning",
+    "Structure",
+    "compute_neighbors",
+    "read_frames",
+    "structure_from_atoms",
+    "warn_overlapping_atoms",
+]
+
+#: two atoms closer than this (in Å, converted to the data's length unit) are
+#: reported as overlapping: no physical structure has them, a model's predictions
+#: there are meaningless and its forces can be huge (a duplicated atom, coordinates in
+#: the wrong unit)
+OVERLAP_DISTANCE = 0.1
+
+
+class OverlappingAtomsWarning(UserWarning):
+    """Two atoms of a structure are closer than :data:`OVERLAP_DISTANCE`."""
+
 
 LOGGER = logging.getLogger(__name__)
 
@@ -189,6 +209,77 @@ def compute_neighbors(structure: Structure, cutoff: float) -> None:
         structure.centers, structure.neighbors, structure.cell_shifts, len(structure)
     )
     structure.cutoff = cutoff
+
+
+def overlap_threshold(length_unit: str) -> float:
+    """:data:`OVERLAP_DISTANCE` (Å) in ``length_unit``."""
+    from metatomic.torch import unit_conversion_factor
+
+    try:
+        return OVERLAP_DISTANCE * unit_conversion_factor("angstrom", length_unit)
+    except Exception:
+        return OVERLAP_DISTANCE
+
+
+def warn_overlapping_atoms(
+    source: str,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    distances: torch.Tensor,
+    length_unit: str,
+) -> bool:
+    """Warn (:class:`OverlappingAtomsWarning`) when pairs of a neighbor list are
+    closer than :data:`OVERLAP_DISTANCE`; returns whether some are.
+
+    :param source: name of the structure, for the message
+    :param first: ``(n_pairs,)`` index of the first atom of each pair
+    :param second: ``(n_pairs,)`` index of the second atom
+    :param distances: ``(n_pairs,)`` distances, in ``length_unit``
+    """
+    threshold = overlap_threshold(length_unit)
+    close = torch.nonzero(distances.detach() < threshold)[:, 0]
+    if close.numel() == 0:
+        return False
+    pairs = {}
+    for index in close.tolist():
+        i, j = int(first[index]), int(second[index])
+        key = (min(i, j), max(i, j))
+        distance = float(distances[index])
+        pairs[key] = min(distance, pairs.get(key, math.inf))
+    shown = sorted(pairs.items(), key=lambda item: item[1])[:5]
+    described = ", ".join(
+        f"{i} and {j} ({distance:.3g} {length_unit})" for (i, j), distance in shown
+    )
+    more = (
+        f" and {len(pairs) - len(shown)} more pairs" if len(pairs) > len(shown) else ""
+    )
+    warnings.warn(
+        f"structure {source}: atoms {described}{more} overlap (closer than "
+        f"{OVERLAP_DISTANCE} Å): check the structure (duplicated atoms? positions in "
+        "another length unit?); predictions for it are meaningless",
+        OverlappingAtomsWarning,
+        stacklevel=2,
+    )
+    return True
+
+
+def check_overlapping_atoms(structures: Sequence[Structure], length_unit: str) -> int:
+    """Warn for every structure (with a neighbor list) that has overlapping atoms;
+    returns how many have."""
+    count = 0
+    for structure in structures:
+        if structure.centers is None or structure.centers.numel() == 0:
+            continue
+        distances = torch.linalg.vector_norm(structure.pair_vectors(), dim=1)
+        if warn_overlapping_atoms(
+            structure.source,
+            structure.centers,
+            structure.neighbors,
+            distances,
+            length_unit,
+        ):
+            count += 1
+    return count
 
 
 def check_atomic_types(

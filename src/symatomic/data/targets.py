@@ -310,7 +310,7 @@ def parse_target_options(
 
     read_from = str(options.get("read_from", default_read_from))
     unit = str(options.get("unit", ""))
-    _check_unit(unit, f"{where}.{name}.unit")
+    _check_unit(unit, f"{where}.{name}.unit", "eV" if is_energy else None)
     spec = TargetSpec(
         name=name,
         kind="scalar",
@@ -459,8 +459,12 @@ def parse_target_options(
     return spec
 
 
-def _check_unit(unit: str, where: str) -> None:
-    """Reject units metatomic does not know now, not at export after training."""
+def _check_unit(unit: str, where: str, dimension_of: Optional[str] = None) -> None:
+    """Reject units metatomic does not know now, not at export after training.
+
+    :param dimension_of: a unit of the dimension ``unit`` must have (``"eV"`` for
+        energies, which metatomic checks at export)
+    """
     if not unit:
         return
     from metatomic.torch import unit_conversion_factor
@@ -472,6 +476,13 @@ def _check_unit(unit: str, where: str) -> None:
         raise ValueError(
             f"{where}: '{unit}' is not a unit metatomic knows ({message})"
         ) from None
+    if dimension_of is not None:
+        try:
+            unit_conversion_factor(unit, dimension_of)
+        except Exception:
+            raise ValueError(
+                f"{where}: '{unit}' is not an energy unit (e.g. eV, kcal/mol, Hartree)"
+            ) from None
 
 
 def _parse_irreps(irreps: Any, where: str) -> List[Tuple[int, int, int]]:
