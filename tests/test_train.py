@@ -200,7 +200,7 @@ def test_validation_file_without_forces(synthetic_file, tmp_path):
 
 def test_finished_run_can_not_resume(synthetic_file, tmp_path):
     _train(synthetic_file, tmp_path / "run", epochs=1)
-    with pytest.raises(ValueError, match="increase num_epochs"):
+    with pytest.raises(ValueError, match="already finished .*--epochs N"):
         _train(
             synthetic_file,
             tmp_path / "again",

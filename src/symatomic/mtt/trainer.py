@@ -95,6 +95,16 @@ class _Run(Trainer):
         self.owner._record(checkpoint_data)
         return None
 
+    def _check_exportable(self) -> None:
+        # metatrain exports the model itself, under its own output names
+        # (``spherical_tensor_atomic_basis``…), which metatomic's capabilities of
+        # symatomic's export would reject
+        pass
+
+    def _parity_plots(self, *args: Any, **kwargs: Any) -> List[str]:
+        # metatrain's output folder keeps metatrain's layout
+        return []
+
 
 class SymatomicMTTTrainer(TrainerInterface[TrainerHypers]):
     """Train :class:`~symatomic.mtt.model.SymatomicMTT` models with symatomic's

@@ -27,7 +27,9 @@ from ..data.batch import collate, random_o3_augmentation
 from ..data.sets import DataSets, load_data_sets
 from ..data.structures import Structure
 from ..data.targets import TargetSpec
+from ..files import atomic_write
 from ..model import SymatomicModel
+from ..plots import ParityData, block_label
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
@@ -37,6 +39,8 @@ __all__ = ["Trainer", "TrainingResult", "evaluate_structures", "export_model"]
 LOGGER = logging.getLogger("symatomic")
 
 _MIX = 1_000_003  # to derive independent seeds from (seed, epoch, step)
+
+_BACKBONE_NAMES = {"pet": "PET", "soap": "SOAP"}
 
 
 @dataclass
@@ -50,6 +54,8 @@ class TrainingResult:
     validation_errors: Dict[str, float] = field(default_factory=dict)
     test_errors: Dict[str, float] = field(default_factory=dict)
     history: List[Dict[str, float]] = field(default_factory=list)
+    #: parity plots of the validation and test sets
+    plots: List[str] = field(default_factory=list)
 
 
 def _dtype(options: Dict[str, Any]) -> torch.dtype:
@@ -89,9 +95,14 @@ def evaluate_structures(
     context: Optional[DistributedContext] = None,
     weights: Optional[Dict[str, float]] = None,
     loss_scales: Optional[Dict[str, Any]] = None,
+    parity: Optional[ParityData] = None,
+    length_unit: str = "",
 ) -> Dict[str, float]:
     """Errors of ``model`` on ``structures``.
 
+    :param parity: when given, gathers the predicted and reference values (this
+        rank's share) for parity plots
+    :param length_unit: for the units of forces and stress in ``parity``
     :return: RMSE per key of :class:`ErrorAccumulator`, MAE under ``mae:<key>``, and,
         when ``weights`` are given, the training loss on these structures under
         ``loss``
@@ -111,6 +122,8 @@ def evaluate_structures(
         batch = collate([structures[i] for i in chunk], dtype, device)
         predictions = predict_batch(model, batch, specs, with_gradients=True)
         accumulator.update(batch, predictions)
+        if parity is not None:
+            _gather_parity(parity, batch, predictions, specs, length_unit)
         if weights is not None:
             terms = loss_terms(model, batch, specs, predictions, loss_scales or {})
             for i, key in enumerate(keys):
@@ -132,6 +145,35 @@ def evaluate_structures(
             )
         )
     return result
+
+
+def _gather_parity(
+    parity: ParityData,
+    batch: Any,
+    predictions: Any,
+    specs: Dict[str, TargetSpec],
+    length_unit: str,
+) -> None:
+    """Add the values of a batch to ``parity``: a panel per block, and forces and
+    stress of energies."""
+    blocks, forces, stress = predictions
+    for name, spec in specs.items():
+        for block, prediction, reference in zip(
+            spec.blocks, blocks[name], batch.targets[name]
+        ):
+            parity.add(name, block_label(spec, block), reference, prediction, spec.unit)
+        for key, values, references in (
+            ("forces", forces, batch.forces),
+            ("stress", stress, batch.stress),
+        ):
+            if name in values and name in references:
+                parity.add(
+                    name,
+                    key,
+                    references[name],
+                    values[name],
+                    error_unit(specs, f"{name}/{key}", length_unit),
+                )
 
 
 class Trainer:
@@ -159,6 +201,13 @@ class Trainer:
         self.output_dir = output_dir
         self.restart = restart
         self.progress = progress
+        #: where the run is: "setup", "training" (epochs), "finishing" (final
+        #: evaluation and export), "done"
+        self.stage = "setup"
+        #: the newest checkpoint a run can resume from, and its number of epochs
+        self.last_checkpoint: Optional[str] = restart
+        self.last_epoch: Optional[int] = None
+        self.num_epochs: Optional[int] = None
         self.hypers = options["architecture"]["training"]
         self.dtype = _dtype(options)
         device_type = options.get("device", "cpu")
@@ -280,12 +329,7 @@ class Trainer:
         """Read the data sets of the options (with the targets of ``checkpoint``)."""
         if checkpoint is not None:
             if checkpoint.get("options") is not None:
-                saved = checkpoint["options"]
-                if saved["architecture"] != self.options["architecture"]:
-                    LOGGER.warning(
-                        "the architecture options differ from those of the checkpoint; "
-                        "using the checkpoint's model with the new training options"
-                    )
+                self._compare_options(checkpoint["options"])
             specs = {
                 name: TargetSpec.from_dict(spec)
                 for name, spec in checkpoint["model_data"]["targets"].items()
@@ -304,6 +348,54 @@ class Trainer:
                 atomic_types=self.options["architecture"].get("atomic_types"),
             )
         return data
+
+    def _compare_options(self, saved: Dict[str, Any]) -> None:
+        """Say how the options of a restart differ from those of its checkpoint:
+        a warning for the model (the checkpoint's is kept), a note for the training
+        options (the run is then not an exact continuation); a new number of epochs
+        only stretches the learning-rate schedule."""
+        before = saved.get("architecture", {})
+        after = self.options["architecture"]
+        model = _differences(
+            {k: v for k, v in before.items() if k != "training"},
+            {k: v for k, v in after.items() if k != "training"},
+        )
+        if model and self.context.is_main:
+            LOGGER.warning(
+                "warning: the architecture options %s differ from those of the "
+                "checkpoint; using the checkpoint's model with the new training "
+                "options",
+                model,
+            )
+        training = _differences(
+            before.get("training", {}), after.get("training", {}), "training"
+        )
+        epochs = "training.num_epochs"
+        if epochs in training:
+            training.remove(epochs)
+            self._log(
+                "num_epochs changed from %s to %s: the learning-rate schedule is "
+                "stretched accordingly",
+                before.get("training", {}).get("num_epochs"),
+                after["training"]["num_epochs"],
+            )
+        if training:
+            self._log(
+                "the training options %s differ from those of the checkpoint: the "
+                "run continues with the new ones (not an exact continuation)",
+                training,
+            )
+
+    def _check_exportable(self) -> None:
+        """Build the metatomic capabilities of the model (units, outputs) now: an
+        option metatomic rejects fails before the first epoch, not at export."""
+        try:
+            self.model.capabilities()
+        except Exception as error:
+            message = str(error).splitlines()[0] if str(error) else repr(error)
+            raise ValueError(
+                f"the model can not be exported with these options: {message}"
+            ) from None
 
     def _train(self, data: DataSets, checkpoint: Optional[Dict[str, Any]]) -> None:
         for name, spec in data.targets.items():
@@ -334,8 +426,13 @@ class Trainer:
         # the targets of the data (the model may predict more; forces and stress
         # are trained where the data has them)
         specs = self.specs = dict(data.targets)
+        self._check_exportable()
         self._log(
-            "model: PET, %d parameters, cutoff %.2f %s, interaction range %.2f %s",
+            "model: %s backbone, %d parameters, cutoff %.2f %s, interaction range "
+            "%.2f %s",
+            _BACKBONE_NAMES.get(
+                str(model.hypers.get("backbone")), str(model.hypers.get("backbone"))
+            ),
             sum(p.numel() for p in model.parameters()),
             model.cutoff,
             data.length_unit,
@@ -382,9 +479,21 @@ class Trainer:
             best_state = checkpoint["best_model_state_dict"]
             history = list(checkpoint.get("history", []))
             if start_epoch >= hypers["num_epochs"]:
+                source = self.restart or "the given training state"
+                exported = os.path.join(
+                    os.path.dirname(self.restart or "") or ".", "model.pt"
+                )
+                if os.path.exists(exported):
+                    done = f"its model is {exported}"
+                else:
+                    done = (
+                        f"export its best model with 'symatomic export {source} -o "
+                        f"{exported}'"
+                    )
                 raise ValueError(
-                    f"checkpoint '{self.restart}' already finished epoch {start_epoch} of "
-                    f"{hypers['num_epochs']}: increase num_epochs to train further"
+                    f"checkpoint '{source}' already finished its {start_epoch} "
+                    f"epoch(s) of {hypers['num_epochs']}: {done}; to train further "
+                    f"pass --epochs N with N > {start_epoch}"
                 )
             self._log(
                 "resuming from epoch %d of %s",
@@ -423,6 +532,10 @@ class Trainer:
             )
 
         seed = self.options["seed"]
+        self.num_epochs = hypers["num_epochs"]
+        if checkpoint is not None:
+            self.last_epoch = start_epoch
+        self.stage = "training"
         for epoch in range(start_epoch, hypers["num_epochs"]):
             start_time = time.perf_counter()
             model.train()
@@ -515,15 +628,35 @@ class Trainer:
             self.context.barrier()
 
         # final evaluation with the best model
+        self.stage = "finishing"
         model.load_state_dict(best_state)
         model.eval()
+        # a single process gathers the values of the parity plots on the way
+        gather = self.context.is_main and not self.context.enabled
+        parity = {"validation": ParityData(), "test": ParityData()}
         validation_errors = (
-            evaluate_structures(model, data.validation, specs, batch_size, self.context)
+            evaluate_structures(
+                model,
+                data.validation,
+                specs,
+                batch_size,
+                self.context,
+                parity=parity["validation"] if gather else None,
+                length_unit=data.length_unit,
+            )
             if data.validation
             else {}
         )
         test_errors = (
-            evaluate_structures(model, data.test, specs, batch_size, self.context)
+            evaluate_structures(
+                model,
+                data.test,
+                specs,
+                batch_size,
+                self.context,
+                parity=parity["test"] if gather else None,
+                length_unit=data.length_unit,
+            )
             if data.test
             else {}
         )
@@ -543,9 +676,12 @@ class Trainer:
                 "history": history,
             }
         exported = None
+        plots: List[str] = []
         if self.context.is_main:
             exported = self._finish(checkpoint_data)
+            plots = self._parity_plots(data, specs, batch_size, parity, gather)
         self.context.barrier()
+        self.stage = "done"
         self.result = TrainingResult(
             output_dir=self.output_dir,
             checkpoint=best_path,
@@ -554,6 +690,7 @@ class Trainer:
             validation_errors=validation_errors,
             test_errors=test_errors,
             history=history,
+            plots=plots,
         )
 
     # ------------------------------------------------------------------ hooks
@@ -563,7 +700,10 @@ class Trainer:
         """Write the checkpoints of an epoch (main process only): ``last.ckpt``,
         ``checkpoints/epoch-N.ckpt`` every ``checkpoint_interval`` epochs, and
         ``model.ckpt`` when the epoch is the best so far."""
-        save_checkpoint(checkpoint_data, os.path.join(self.output_dir, "last.ckpt"))
+        last = os.path.join(self.output_dir, "last.ckpt")
+        save_checkpoint(checkpoint_data, last)
+        self.last_checkpoint = last
+        self.last_epoch = epoch + 1
         if (epoch + 1) % self.hypers["checkpoint_interval"] == 0:
             save_checkpoint(
                 checkpoint_data,
@@ -573,6 +713,39 @@ class Trainer:
             save_checkpoint(
                 checkpoint_data, os.path.join(self.output_dir, "model.ckpt")
             )
+
+    def _parity_plots(
+        self,
+        data: DataSets,
+        specs: Dict[str, TargetSpec],
+        batch_size: int,
+        parity: Dict[str, ParityData],
+        gathered: bool,
+    ) -> List[str]:
+        """Parity plots of the best model on the validation and test sets (main
+        process only): ``parity-<set>-<target>.png`` in the output folder. A
+        plotting failure is logged, never fatal: the model is already exported."""
+        written: List[str] = []
+        for name, structures in (("validation", data.validation), ("test", data.test)):
+            if not structures:
+                continue
+            try:
+                if not gathered:  # distributed: the main process evaluates alone
+                    evaluate_structures(
+                        self.model,
+                        structures,
+                        specs,
+                        batch_size,
+                        parity=parity[name],
+                        length_unit=data.length_unit,
+                    )
+                pattern = os.path.join(self.output_dir, f"parity-{name}-{{target}}.png")
+                written.extend(parity[name].write(pattern, f"{name} set"))
+            except Exception as error:  # noqa: BLE001 - plots are a bonus
+                LOGGER.warning(
+                    "warning: no parity plots for the %s set: %s", name, error
+                )
+        return written
 
     def _finish(self, checkpoint_data: Dict[str, Any]) -> Optional[str]:
         """After training (main process only): make sure ``model.ckpt`` exists and
@@ -674,6 +847,17 @@ class Trainer:
         return " | ".join(parts)
 
 
+def _differences(before: Any, after: Any, prefix: str = "") -> List[str]:
+    """Dotted names of the entries that differ between two nested mappings."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        result = []
+        for key in sorted(set(before) | set(after), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            result.extend(_differences(before.get(key), after.get(key), name))
+        return result
+    return [] if before == after else [prefix or "(all)"]
+
+
 def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
     keys = []
     for name, spec in specs.items():
@@ -688,13 +872,11 @@ def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
 def export_model(model: Any, path: str) -> None:
     """Export a :class:`SymatomicModel` (or save an :class:`AtomisticModel`) to a
     metatomic ``.pt`` file, written atomically."""
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(
+            f"'{path}' is a directory; give the file name of the model, e.g. "
+            f"'{os.path.join(path, 'model.pt')}'"
+        )
     exported = model.export() if isinstance(model, SymatomicModel) else model
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
+    with atomic_write(path) as temporary:
         exported.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
