@@ -34,6 +34,15 @@ default_role = "literal"
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 
+# the documented build needs only the ``docs`` extra: the metatrain interface
+# (``symatomic.mtt``) is documented from mocks of the packages it is built on when
+# they are not installed
+autodoc_mock_imports = [
+    name
+    for name in ("metatrain", "omegaconf", "sphericart")
+    if importlib.util.find_spec(name) is None
+]
+
 # TorchScript classes of metatensor/metatomic show up in signatures as
 # "<torch.ScriptClass object at 0x…>": replace them by their names
 _SCRIPT_CLASS = re.compile(r"<torch\.ScriptClass object at (0x[0-9a-fA-F]+)>")
