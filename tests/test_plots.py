@@ -1,5 +1,7 @@
 """Parity plots: one figure per target, a panel per block, RMSE in the titles."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,21 @@ def test_energy_and_forces_panels_and_large_sets():
 def test_mismatched_values_are_refused():
     with pytest.raises(ValueError, match="shape"):
         ParityData().add("energy", "energy", np.zeros(3), np.zeros(4))
+
+
+def test_trainer_can_leave_the_plots_out(tmp_path):
+    import ase.io
+
+    from conftest import make_frames
+    from symatomic.options import check_options
+    from symatomic.train import Trainer
+    from test_cli import soap_options
+
+    path = str(tmp_path / "data.xyz")
+    ase.io.write(path, make_frames(8), format="extxyz")
+    options = check_options(soap_options(path, epochs=1))
+    result = Trainer(
+        options, str(tmp_path / "run"), progress=False, parity_plots=False
+    ).run()
+    assert result.plots == []
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".png")]

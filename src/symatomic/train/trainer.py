@@ -183,6 +183,8 @@ class Trainer:
     :param output_dir: folder for checkpoints, the exported model and the log
     :param restart: checkpoint to resume from (exactly, same options)
     :param progress: show progress bars
+    :param parity_plots: write the parity plots of the validation and test sets
+        (``parity-<set>-<target>.png``) into ``output_dir`` at the end
     """
 
     #: the outcome of the last :meth:`run`
@@ -196,8 +198,10 @@ class Trainer:
         output_dir: str,
         restart: Optional[str] = None,
         progress: bool = True,
+        parity_plots: bool = True,
     ):
         self.options = options
+        self.parity_plots = parity_plots
         self.output_dir = output_dir
         self.restart = restart
         self.progress = progress
@@ -632,7 +636,7 @@ class Trainer:
         model.load_state_dict(best_state)
         model.eval()
         # a single process gathers the values of the parity plots on the way
-        gather = self.context.is_main and not self.context.enabled
+        gather = self.parity_plots and self.context.is_main and not self.context.enabled
         parity = {"validation": ParityData(), "test": ParityData()}
         validation_errors = (
             evaluate_structures(
@@ -726,6 +730,8 @@ class Trainer:
         process only): ``parity-<set>-<target>.png`` in the output folder. A
         plotting failure is logged, never fatal: the model is already exported."""
         written: List[str] = []
+        if not self.parity_plots:
+            return written
         for name, structures in (("validation", data.validation), ("test", data.test)):
             if not structures:
                 continue
