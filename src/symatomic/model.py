@@ -1,4 +1,9 @@
-"""The symatomic model: PET backbone, heads, baselines and scaling, metatomic-facing.
+"""The symatomic model: a backbone and one read-out per target, metatomic-facing.
+
+Assembly and evaluation live here; the options are checked and resolved in
+:mod:`symatomic.model_options`, the read-outs are :class:`symatomic.readout.TargetReadout`,
+the output statistics are fitted by :mod:`symatomic.statistics`, and the SOAP backbone
+adapter is :class:`symatomic.backbone.SOAPBackbone`.
 
 :class:`SymatomicModel` has two entry points sharing the same kernels:
 
@@ -14,9 +19,8 @@ values are sums over atoms.
 """
 
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
@@ -28,14 +32,22 @@ from metatomic.torch import (
     System,
 )
 
-from .basis import ScalarBasisHead, pair_directions
+from .backbone import SOAPBackbone
+from .basis import pair_directions
 from .data.targets import TargetSpec
-from .ecse import check_ecse_options
-from .heads import DirectHead, PooledHead, pool_pairs
+from .heads import pool_pairs
+from .model_options import (
+    SOAP_DEFAULT_HYPERS,
+    check_model_hypers,
+    is_exactly_equivariant,
+    resolve_model_hypers,
+    tensor_heads_of,
+)
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import SolidHarmonics, WignerD
-from .pet import PET, PETFeatures, check_pet_hypers
-from .soap import InvariantScalarModel
+from .pet import PET
+from .readout import TargetReadout, basis_inputs
+from .statistics import fit_output_statistics
 
 __all__ = [
     "SOAP_DEFAULT_HYPERS",
@@ -47,424 +59,6 @@ __all__ = [
     "resolve_model_hypers",
     "tensor_heads_of",
 ]
-
-#: defaults of ``architecture.model.soap`` (the invariant SOAP backbone)
-SOAP_DEFAULT_HYPERS: Dict[str, Any] = {
-    "max_radial": 6,
-    "max_angular": 4,
-    "n_pseudo_species": 4,
-    "d_hidden": 128,
-    "n_hidden_layers": 2,
-    "d_out": 128,
-    "d_pair": 32,
-}
-
-_BACKBONES = ("auto", "pet", "soap")
-_TENSOR_HEADS = ("direct", "basis")
-_EDGE_INPUTS = ("auto", "invariant", "cartesian")
-
-
-def _check_soap_hypers(options: Any, where: str) -> Dict[str, Any]:
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise ValueError(f"{where} must be a mapping, got {options!r}")
-    unknown = sorted(set(options) - set(SOAP_DEFAULT_HYPERS))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown option(s) {unknown}; known: {sorted(SOAP_DEFAULT_HYPERS)}"
-        )
-    result = dict(SOAP_DEFAULT_HYPERS)
-    result.update(options)
-    for key, value in result.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
-        minimum = 0 if key in ("max_angular", "max_radial") else 1
-        if value < minimum:
-            raise ValueError(f"{where}.{key} must be at least {minimum}, got {value}")
-    return result
-
-
-def check_model_hypers(
-    hypers: Dict[str, Any], where: str = "architecture.model"
-) -> Dict[str, Any]:
-    """Validate the ``architecture.model`` section and fill its defaults.
-
-    ``backbone`` is ``pet`` (default) or ``soap`` (an exactly invariant SOAP power
-    spectrum with an MLP, options in ``soap``); ``tensor_heads`` is ``direct``
-    (components predicted by the backbone's heads: exact with ECSE, approximate
-    without) or ``basis`` (invariant coefficients times a basis of (λ, σ) tensors,
-    :mod:`symatomic.basis`); ``basis_hidden`` is the hidden size of the basis' pair
-    MLPs; ``ecse`` selects the exact symmetrization of PET
-    (:func:`symatomic.ecse.check_ecse_options`). Everything else are PET
-    hyper-parameters (``cutoff`` and ``cutoff_width`` are shared with SOAP).
-    """
-    hypers = dict(hypers)
-    ecse = check_ecse_options(hypers.pop("ecse", None), where + ".ecse")
-    backbone = hypers.pop("backbone", "auto")
-    if backbone not in _BACKBONES:
-        raise ValueError(
-            f"{where}.backbone must be one of {_BACKBONES}, got {backbone!r}"
-        )
-    soap = _check_soap_hypers(hypers.pop("soap", None), where + ".soap")
-    tensor_heads = hypers.pop("tensor_heads", None)
-    if tensor_heads is not None and tensor_heads not in _TENSOR_HEADS:
-        raise ValueError(
-            f"{where}.tensor_heads must be one of {_TENSOR_HEADS} (or null: what the "
-            f"backbone can do), got {tensor_heads!r}"
-        )
-    if backbone == "soap" and tensor_heads == "direct":
-        raise ValueError(
-            f"{where}: the soap backbone is invariant, its tensor outputs need "
-            "tensor_heads: basis"
-        )
-    if backbone == "soap" and ecse["mode"] == "local":
-        raise ValueError(
-            f"{where}: ecse applies to the pet backbone; the soap backbone is exactly "
-            "invariant already"
-        )
-    edge_inputs = hypers.pop("edge_inputs", "auto")
-    if edge_inputs not in _EDGE_INPUTS:
-        raise ValueError(
-            f"{where}.edge_inputs must be one of {_EDGE_INPUTS}, got {edge_inputs!r}"
-        )
-    if edge_inputs == "invariant" and ecse["mode"] == "local":
-        raise ValueError(
-            f"{where}: ecse frames need edge_inputs: cartesian (with edge_inputs: "
-            "invariant, PET is exactly invariant without frames)"
-        )
-    if edge_inputs == "invariant" and tensor_heads == "direct":
-        raise ValueError(
-            f"{where}: with edge_inputs: invariant, tensor outputs need "
-            "tensor_heads: basis (direct heads of an invariant PET are invariant)"
-        )
-    basis_hidden = hypers.pop("basis_hidden", 0)
-    if isinstance(basis_hidden, bool) or not isinstance(basis_hidden, int):
-        raise ValueError(
-            f"{where}.basis_hidden must be an integer, got {basis_hidden!r}"
-        )
-    if basis_hidden < 0:
-        raise ValueError(f"{where}.basis_hidden must be >= 0, got {basis_hidden}")
-    result = check_pet_hypers(hypers, where)
-    result["edge_inputs"] = edge_inputs
-    result["ecse"] = ecse
-    result["backbone"] = backbone
-    result["soap"] = soap
-    result["tensor_heads"] = tensor_heads
-    result["basis_hidden"] = basis_hidden
-    return result
-
-
-def tensor_heads_of(hypers: Dict[str, Any]) -> str:
-    """The tensor heads of a model: ``tensor_heads``, or ``basis`` when it is
-    ``None`` (the default: measured more accurate than ``direct`` on the dipoles and
-    hyperpolarizabilities of the reference data, and cheaper; see
-    ``benchmarks/tensor_accuracy.py`` and ``benchmarks/tensor_heads_cost.py``)."""
-    choice = hypers.get("tensor_heads")
-    if choice is None:
-        return "basis"
-    return str(choice)
-
-
-def resolve_model_hypers(
-    hypers: Dict[str, Any], targets: Dict[str, TargetSpec]
-) -> Dict[str, Any]:
-    """Replace the ``auto`` choices of checked hyper-parameters by what works best
-    for these targets (measured: ``benchmarks/tensor_accuracy.py``,
-    ``benchmarks/pet_accuracy.py``, ``benchmarks/ecse_accuracy.py``):
-
-    - ``backbone: auto`` → ``pet`` for every kind of target: PET is the more
-      accurate energy model, and with ECSE-averaged coefficients and the scalar
-      basis it was also the most accurate exact model on 9 of the 13 tensor targets
-      of the water monomer, water dimer and QM7-X reference data, and ahead of
-      metatrain's SOAP-BPNN and PET on all 13 (the SOAP backbone, 4-13x cheaper to
-      train and ~50x cheaper to evaluate, is a little less accurate;
-      ``docs/heads.rst``);
-    - ``ecse.mode: auto`` → ``local`` with ``frame_layers: 1`` (unless given) for
-      PET, ``none`` for SOAP.
-
-    Either way the model is exactly O(3)-equivariant; ``backbone: pet`` with
-    ``ecse: none`` is the approximately equivariant model one opts into.
-    """
-    result = dict(hypers)
-    ecse = dict(result["ecse"])
-    if result["backbone"] == "auto":
-        result["backbone"] = "pet"
-    if result.get("edge_inputs", "auto") == "auto":
-        # an explicit ecse mode asks for PET's Cartesian inputs (frames, or the
-        # unconstrained PET one opts into); otherwise invariant inputs
-        result["edge_inputs"] = "invariant" if ecse["mode"] == "auto" else "cartesian"
-    if result["backbone"] == "soap":
-        result["edge_inputs"] = "cartesian"
-    if result["edge_inputs"] == "invariant":
-        if ecse["mode"] == "local":
-            raise ValueError(
-                "ecse frames need edge_inputs: cartesian; with edge_inputs: "
-                "invariant PET is exactly invariant without frames"
-            )
-        ecse["mode"] = "none"
-    if ecse["mode"] == "auto":
-        if result["backbone"] == "pet":
-            ecse["mode"] = "local"
-            if ecse["frame_layers"] is None:
-                ecse["frame_layers"] = 1
-        else:
-            ecse["mode"] = "none"
-    if result["backbone"] == "soap" and ecse["mode"] == "local":
-        raise ValueError(
-            "ecse applies to the pet backbone; the soap backbone is exactly "
-            "invariant already"
-        )
-    result["ecse"] = ecse
-    result["tensor_heads"] = tensor_heads_of(result)
-    return result
-
-
-def is_exactly_equivariant(hypers: Dict[str, Any]) -> bool:
-    """Whether a model with these (checked) hyper-parameters is exactly
-    O(3)-equivariant in every output: the SOAP backbone, or PET with ECSE."""
-    return (
-        hypers["backbone"] == "soap"
-        or hypers["ecse"]["mode"] != "none"
-        or hypers.get("edge_inputs") == "invariant"
-    )
-
-
-class SOAPBackbone(torch.nn.Module):
-    """The invariant SOAP model (:class:`symatomic.soap.InvariantScalarModel`) in the
-    backbone interface: atoms own their features, there are no frames.
-
-    :param hypers: checked model hyper-parameters (``cutoff``, ``cutoff_width``,
-        ``soap``)
-    :param n_species: number of atomic types
-    """
-
-    def __init__(self, hypers: Dict[str, Any], n_species: int):
-        super().__init__()
-        soap = hypers["soap"]
-        self.model = InvariantScalarModel(
-            n_species,
-            float(hypers["cutoff"]),
-            float(hypers["cutoff_width"]),
-            max_radial=int(soap["max_radial"]),
-            max_angular=int(soap["max_angular"]),
-            n_pseudo_species=int(soap["n_pseudo_species"]),
-            d_hidden=int(soap["d_hidden"]),
-            n_hidden_layers=int(soap["n_hidden_layers"]),
-            d_out=int(soap["d_out"]),
-            d_pair=int(soap["d_pair"]),
-        )
-        self.symmetrized = False
-
-    def forward(
-        self,
-        species: torch.Tensor,
-        edge_vectors: torch.Tensor,
-        centers: torch.Tensor,
-        neighbors: torch.Tensor,
-        reverse: torch.Tensor,
-    ) -> PETFeatures:
-        """Same arguments as :meth:`symatomic.pet.PET.forward`; the features are
-        exactly invariant."""
-        n_atoms = species.shape[0]
-        atoms, pairs, fc = self.model(species, edge_vectors, centers, neighbors)
-        return PETFeatures(
-            atoms,
-            pairs,
-            fc,
-            centers,
-            torch.arange(n_atoms, device=species.device),
-            torch.ones(n_atoms, dtype=fc.dtype, device=fc.device),
-            torch.eye(3, dtype=fc.dtype, device=fc.device).expand(n_atoms, 3, 3),
-            torch.zeros(n_atoms, dtype=torch.bool, device=fc.device),
-            False,
-        )
-
-
-def basis_inputs(
-    features: PETFeatures,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(nodes, edges, fc, centers)`` on which the scalar-basis heads are built:
-    ECSE's invariant frame averages when the backbone has frames, else the atoms' own
-    features (SOAP: invariant; plain PET: not)."""
-    nodes = features.invariant_nodes
-    edges = features.invariant_edges
-    fc = features.atom_fc
-    centers = features.centers
-    if nodes is None or edges is None or fc is None or centers is None:
-        return features.nodes, features.edges, features.fc, features.edge_owners
-    return nodes, edges, fc, centers
-
-
-class TargetReadout(torch.nn.Module):
-    """Head and output transformation (scale, composition baseline) of one target.
-
-    Covariant targets with ``tensor_heads: basis`` are predicted as invariant
-    coefficients (a :class:`~symatomic.heads.DirectHead` on invariant features: the
-    SOAP backbone's, ECSE's frame averages, or plain PET's, which are only
-    approximately invariant) times the tensor basis of every block
-    (:class:`symatomic.basis.ScalarBasisHead`).
-
-    :param spec: the target
-    :param n_species: number of atomic types of the model
-    :param hypers: model hyper-parameters
-    :param d_node: size of the atom features of the backbone
-    :param d_edge: size of the pair features of the backbone
-    """
-
-    coefficient_sizes: List[int]
-
-    def __init__(
-        self,
-        spec: TargetSpec,
-        n_species: int,
-        hypers: Dict[str, Any],
-        d_node: int = -1,
-        d_edge: int = -1,
-    ):
-        super().__init__()
-        if d_node < 0:
-            d_node = int(hypers["d_node"])
-        if d_edge < 0:
-            d_edge = int(hypers["d_pet"])
-        self.per_atom = spec.per_atom
-        self.is_scalar = spec.is_scalar
-        self.block_components: List[int] = [b.num_components for b in spec.blocks]
-        self.block_properties: List[int] = [b.num_properties for b in spec.blocks]
-        self.block_sizes: List[int] = [
-            b.num_components * b.num_properties for b in spec.blocks
-        ]
-        self.block_atom_types: List[int] = [
-            -1 if b.atom_type is None else int(b.atom_type) for b in spec.blocks
-        ]
-        self.block_lambdas: List[int] = [b.o3_lambda for b in spec.blocks]
-        self.block_sigmas: List[int] = [b.o3_sigma for b in spec.blocks]
-        self.invariant = spec.is_invariant
-        n_flat = sum(self.block_sizes)
-        basis_heads: List[ScalarBasisHead] = []
-        if tensor_heads_of(hypers) == "basis" and not self.invariant:
-            for block in spec.blocks:
-                basis_heads.append(
-                    ScalarBasisHead(
-                        block.o3_lambda,
-                        block.o3_sigma,
-                        block.num_properties,
-                        d_edge,
-                        d_hidden=int(hypers.get("basis_hidden", 0)),
-                    )
-                )
-        self.basis_heads = torch.nn.ModuleList(basis_heads)
-        self.uses_basis = len(basis_heads) > 0
-        self.coefficient_sizes: List[int] = [h.n_coefficients for h in basis_heads]
-        if self.uses_basis:
-            self.head = PooledHead(
-                d_node, d_edge, int(hypers["d_head"]), sum(self.coefficient_sizes)
-            )
-        else:
-            self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_flat)
-        self.register_buffer("scale", torch.ones(n_flat))
-        self.register_buffer("baseline", torch.zeros(n_species, n_flat))
-
-    def forward(
-        self,
-        features: PETFeatures,
-        species: torch.Tensor,
-        wigner: List[torch.Tensor],
-        improper: torch.Tensor,
-        edge_vectors: torch.Tensor,
-        pair_harmonics: Optional[List[torch.Tensor]] = None,
-        pooled: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit.
-
-        With ECSE, the head runs on every frame's features; block ``(λ, σ)`` of
-        each frame is rotated back with ``D^λ`` of the frame (times ``σ (-1)^λ``
-        for mirrored frames) and averaged with the frame weights; the invariant
-        fallback only contributes to proper scalars.
-
-        :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
-        :param improper: ``(n_owners,)`` whether each owner's frame is improper
-        :param edge_vectors: ``(n_pairs, 3)`` pair vectors (the scalar basis)
-        :param pair_harmonics: optional ``Y^l(r̂_ij)``, ``l = 0 …`` at least the
-            largest λ of the target, of :func:`symatomic.basis.pair_directions`
-        :param pooled: optional :func:`symatomic.heads.pool_pairs` of the
-            :func:`basis_inputs` of ``features``
-        """
-        if self.uses_basis:
-            return self._basis_forward(
-                features, species, edge_vectors, pair_harmonics, pooled
-            )
-        atom_nodes = features.atom_nodes
-        atom_edges = features.atom_edges
-        atom_fc = features.atom_fc
-        centers = features.centers
-        if (
-            self.invariant
-            and atom_nodes is not None
-            and atom_edges is not None
-            and atom_fc is not None
-            and centers is not None
-        ):
-            raw = self.head(atom_nodes, atom_edges, atom_fc, centers)
-            return raw * self.scale + self.baseline.index_select(0, species)
-        raw = self.head(
-            features.nodes, features.edges, features.fc, features.edge_owners
-        )
-        if features.symmetrized:
-            blocks = self.split_blocks(raw)
-            rotated: List[torch.Tensor] = []
-            for block, o3_lambda, o3_sigma in zip(
-                blocks, self.block_lambdas, self.block_sigmas
-            ):
-                if o3_lambda > 0:
-                    block = torch.matmul(wigner[o3_lambda], block)
-                parity = o3_sigma * (1 - 2 * (o3_lambda % 2))
-                if parity != 1:
-                    block = torch.where(improper.reshape(-1, 1, 1), -block, block)
-                if o3_lambda != 0 or o3_sigma != 1:
-                    block = torch.where(
-                        features.is_aux.reshape(-1, 1, 1),
-                        torch.zeros_like(block),
-                        block,
-                    )
-                rotated.append(block.reshape(block.shape[0], -1))
-            raw = torch.cat(rotated, dim=1) * features.owner_weights.unsqueeze(1)
-            raw = torch.zeros(
-                species.shape[0], raw.shape[1], dtype=raw.dtype, device=raw.device
-            ).index_add(0, features.owner_atoms, raw)
-        return raw * self.scale + self.baseline.index_select(0, species)
-
-    def _basis_forward(
-        self,
-        features: PETFeatures,
-        species: torch.Tensor,
-        edge_vectors: torch.Tensor,
-        pair_harmonics: Optional[List[torch.Tensor]],
-        pooled: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        nodes, edges, fc, centers = basis_inputs(features)
-        coefficients = self.head(nodes, edges, fc, centers, pooled).split(
-            self.coefficient_sizes, dim=1
-        )
-        blocks: List[torch.Tensor] = []
-        for index, head in enumerate(self.basis_heads):
-            block = head(
-                coefficients[index], edges, edge_vectors, fc, centers, pair_harmonics
-            )
-            blocks.append(block.reshape(block.shape[0], -1))
-        raw = torch.cat(blocks, dim=1)
-        return raw * self.scale + self.baseline.index_select(0, species)
-
-    def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """``(n, n_flat)`` → one ``(n, 2λ+1, p)`` tensor per block."""
-        result: List[torch.Tensor] = []
-        for values, components, properties in zip(
-            flat.split(self.block_sizes, dim=1),
-            self.block_components,
-            self.block_properties,
-        ):
-            result.append(values.reshape(-1, components, properties))
-        return result
 
 
 class SymatomicModel(torch.nn.Module):
@@ -851,89 +445,8 @@ class SymatomicModel(torch.nn.Module):
     def fit_output_statistics(
         self, structures: Sequence[Any]
     ) -> Dict[str, List[float]]:
-        """Fit composition baselines and scales of every target on training data.
-
-        Baselines: per-species contributions to invariant (λ=0, σ=+1) blocks, by least
-        squares over structures (per-structure targets) or per-species means
-        (per-atom targets). Scales: root mean square of the residual per atom and per
-        component, for every property; for energies with forces, at least the root
-        mean square force component (times one length unit).
-
-        :param structures: training structures (:class:`symatomic.data.Structure`)
-        :return: target name → root mean square residual per atom of every flattened
-            output component (without the adjustment to forces), for logging
-        """
-        n_species = len(self.atomic_types)
-        index = {t: i for i, t in enumerate(self.atomic_types)}
-        report: Dict[str, List[float]] = {}
-        for name, spec in self.target_specs.items():
-            readout = self.readouts[name]
-            baseline = torch.zeros_like(readout.baseline, dtype=torch.float64)
-            scale = torch.ones_like(readout.scale, dtype=torch.float64)
-            natural = torch.ones_like(readout.scale, dtype=torch.float64)
-            start = 0
-            for block_index, block in enumerate(spec.blocks):
-                size = block.num_components * block.num_properties
-                values = [s.targets[name][block_index] for s in structures]
-                invariant = block.o3_lambda == 0 and block.o3_sigma == 1
-                if spec.per_atom:
-                    atom_species = []
-                    for s in structures:
-                        types = s.types
-                        if block.atom_type is not None:
-                            types = types[types == block.atom_type]
-                        atom_species.append(
-                            torch.tensor([index[int(t)] for t in types])
-                        )
-                    all_values = torch.cat(values).reshape(-1, size)
-                    all_species = torch.cat(atom_species)
-                    weights = torch.zeros(n_species, size, dtype=torch.float64)
-                    if invariant:
-                        for sp in range(n_species):
-                            mask = all_species == sp
-                            if bool(mask.any()):
-                                weights[sp] = all_values[mask].mean(0)
-                    residual = all_values - weights[all_species]
-                    mean_square = (
-                        residual.reshape(-1, block.num_components, block.num_properties)
-                        ** 2
-                    ).mean(dim=(0, 1))
-                else:
-                    counts = np.zeros((len(structures), n_species))
-                    for row, s in enumerate(structures):
-                        for t in s.types.tolist():
-                            counts[row, index[t]] += 1
-                    y = torch.stack([v.reshape(size) for v in values]).numpy()
-                    weights = torch.zeros(n_species, size, dtype=torch.float64)
-                    if invariant:
-                        solution = np.linalg.lstsq(counts, y, rcond=None)[0]
-                        weights = torch.tensor(solution, dtype=torch.float64)
-                    residual = torch.tensor(y) - torch.tensor(counts) @ weights
-                    n_atoms = torch.tensor(counts.sum(1)).reshape(-1, 1)
-                    per_atom_square = residual**2 / n_atoms
-                    mean_square = per_atom_square.reshape(
-                        -1, block.num_components, block.num_properties
-                    ).mean(dim=(0, 1))
-                block_scale = torch.sqrt(mean_square)
-                block_scale[block_scale == 0] = 1.0
-                natural[start : start + size] = block_scale.repeat(block.num_components)
-                if spec.is_energy and all(name in s.forces for s in structures):
-                    # forces are derivatives of the scaled output: a scale below
-                    # the force magnitude (per length unit) makes them slow to learn
-                    forces = torch.cat([s.forces[name].reshape(-1) for s in structures])
-                    force_scale = torch.sqrt((forces**2).mean())
-                    block_scale = torch.maximum(block_scale, force_scale)
-                block_scale[
-                    ~(block_scale > 1e-12 * max(float(block_scale.max()), 1e-300))
-                ] = 1.0
-                block_scale[block_scale == 0] = 1.0
-                baseline[:, start : start + size] = weights
-                scale[start : start + size] = block_scale.repeat(block.num_components)
-                start += size
-            readout.baseline.copy_(baseline.to(readout.baseline.dtype))
-            readout.scale.copy_(scale.to(readout.scale.dtype))
-            report[name] = natural.tolist()
-        return report
+        """:func:`symatomic.statistics.fit_output_statistics` of this model."""
+        return fit_output_statistics(self, structures)
 
     # ------------------------------------------------------------------ export
     def capabilities(self) -> ModelCapabilities:

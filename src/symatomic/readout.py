@@ -1,0 +1,200 @@
+"""Read-out of one target from backbone features: heads, rotation back from ECSE
+frames, scale and composition baseline (pure torch, scriptable)."""
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .basis import ScalarBasisHead
+from .data.targets import TargetSpec
+from .heads import DirectHead, PooledHead
+from .model_options import tensor_heads_of
+from .pet import PETFeatures
+
+__all__ = ["TargetReadout", "basis_inputs"]
+
+
+def basis_inputs(
+    features: PETFeatures,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(nodes, edges, fc, centers)`` on which the scalar-basis heads are built:
+    ECSE's invariant frame averages when the backbone has frames, else the atoms' own
+    features (SOAP: invariant; plain PET: not)."""
+    nodes = features.invariant_nodes
+    edges = features.invariant_edges
+    fc = features.atom_fc
+    centers = features.centers
+    if nodes is None or edges is None or fc is None or centers is None:
+        return features.nodes, features.edges, features.fc, features.edge_owners
+    return nodes, edges, fc, centers
+
+
+class TargetReadout(torch.nn.Module):
+    """Head and output transformation (scale, composition baseline) of one target.
+
+    Covariant targets with ``tensor_heads: basis`` are predicted as invariant
+    coefficients (a :class:`~symatomic.heads.DirectHead` on invariant features: the
+    SOAP backbone's, ECSE's frame averages, or plain PET's, which are only
+    approximately invariant) times the tensor basis of every block
+    (:class:`symatomic.basis.ScalarBasisHead`).
+
+    :param spec: the target
+    :param n_species: number of atomic types of the model
+    :param hypers: model hyper-parameters
+    :param d_node: size of the atom features of the backbone
+    :param d_edge: size of the pair features of the backbone
+    """
+
+    coefficient_sizes: List[int]
+
+    def __init__(
+        self,
+        spec: TargetSpec,
+        n_species: int,
+        hypers: Dict[str, Any],
+        d_node: int = -1,
+        d_edge: int = -1,
+    ):
+        super().__init__()
+        if d_node < 0:
+            d_node = int(hypers["d_node"])
+        if d_edge < 0:
+            d_edge = int(hypers["d_pet"])
+        self.per_atom = spec.per_atom
+        self.is_scalar = spec.is_scalar
+        self.block_components: List[int] = [b.num_components for b in spec.blocks]
+        self.block_properties: List[int] = [b.num_properties for b in spec.blocks]
+        self.block_sizes: List[int] = [
+            b.num_components * b.num_properties for b in spec.blocks
+        ]
+        self.block_atom_types: List[int] = [
+            -1 if b.atom_type is None else int(b.atom_type) for b in spec.blocks
+        ]
+        self.block_lambdas: List[int] = [b.o3_lambda for b in spec.blocks]
+        self.block_sigmas: List[int] = [b.o3_sigma for b in spec.blocks]
+        self.invariant = spec.is_invariant
+        n_flat = sum(self.block_sizes)
+        basis_heads: List[ScalarBasisHead] = []
+        if tensor_heads_of(hypers) == "basis" and not self.invariant:
+            for block in spec.blocks:
+                basis_heads.append(
+                    ScalarBasisHead(
+                        block.o3_lambda,
+                        block.o3_sigma,
+                        block.num_properties,
+                        d_edge,
+                        d_hidden=int(hypers.get("basis_hidden", 0)),
+                    )
+                )
+        self.basis_heads = torch.nn.ModuleList(basis_heads)
+        self.uses_basis = len(basis_heads) > 0
+        self.coefficient_sizes: List[int] = [h.n_coefficients for h in basis_heads]
+        if self.uses_basis:
+            self.head = PooledHead(
+                d_node, d_edge, int(hypers["d_head"]), sum(self.coefficient_sizes)
+            )
+        else:
+            self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_flat)
+        self.register_buffer("scale", torch.ones(n_flat))
+        self.register_buffer("baseline", torch.zeros(n_species, n_flat))
+
+    def forward(
+        self,
+        features: PETFeatures,
+        species: torch.Tensor,
+        wigner: List[torch.Tensor],
+        improper: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]] = None,
+        pooled: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Per-atom contributions ``(n_atoms, n_flat)`` in the target's unit.
+
+        With ECSE, the head runs on every frame's features; block ``(λ, σ)`` of
+        each frame is rotated back with ``D^λ`` of the frame (times ``σ (-1)^λ``
+        for mirrored frames) and averaged with the frame weights; the invariant
+        fallback only contributes to proper scalars.
+
+        :param wigner: ``D^λ`` of the proper part of every owner's frame, per λ
+        :param improper: ``(n_owners,)`` whether each owner's frame is improper
+        :param edge_vectors: ``(n_pairs, 3)`` pair vectors (the scalar basis)
+        :param pair_harmonics: optional ``Y^l(r̂_ij)``, ``l = 0 …`` at least the
+            largest λ of the target, of :func:`symatomic.basis.pair_directions`
+        :param pooled: optional :func:`symatomic.heads.pool_pairs` of the
+            :func:`basis_inputs` of ``features``
+        """
+        if self.uses_basis:
+            return self._basis_forward(
+                features, species, edge_vectors, pair_harmonics, pooled
+            )
+        atom_nodes = features.atom_nodes
+        atom_edges = features.atom_edges
+        atom_fc = features.atom_fc
+        centers = features.centers
+        if (
+            self.invariant
+            and atom_nodes is not None
+            and atom_edges is not None
+            and atom_fc is not None
+            and centers is not None
+        ):
+            raw = self.head(atom_nodes, atom_edges, atom_fc, centers)
+            return raw * self.scale + self.baseline.index_select(0, species)
+        raw = self.head(
+            features.nodes, features.edges, features.fc, features.edge_owners
+        )
+        if features.symmetrized:
+            blocks = self.split_blocks(raw)
+            rotated: List[torch.Tensor] = []
+            for block, o3_lambda, o3_sigma in zip(
+                blocks, self.block_lambdas, self.block_sigmas
+            ):
+                if o3_lambda > 0:
+                    block = torch.matmul(wigner[o3_lambda], block)
+                parity = o3_sigma * (1 - 2 * (o3_lambda % 2))
+                if parity != 1:
+                    block = torch.where(improper.reshape(-1, 1, 1), -block, block)
+                if o3_lambda != 0 or o3_sigma != 1:
+                    block = torch.where(
+                        features.is_aux.reshape(-1, 1, 1),
+                        torch.zeros_like(block),
+                        block,
+                    )
+                rotated.append(block.reshape(block.shape[0], -1))
+            raw = torch.cat(rotated, dim=1) * features.owner_weights.unsqueeze(1)
+            raw = torch.zeros(
+                species.shape[0], raw.shape[1], dtype=raw.dtype, device=raw.device
+            ).index_add(0, features.owner_atoms, raw)
+        return raw * self.scale + self.baseline.index_select(0, species)
+
+    def _basis_forward(
+        self,
+        features: PETFeatures,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]],
+        pooled: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        nodes, edges, fc, centers = basis_inputs(features)
+        coefficients = self.head(nodes, edges, fc, centers, pooled).split(
+            self.coefficient_sizes, dim=1
+        )
+        blocks: List[torch.Tensor] = []
+        for index, head in enumerate(self.basis_heads):
+            block = head(
+                coefficients[index], edges, edge_vectors, fc, centers, pair_harmonics
+            )
+            blocks.append(block.reshape(block.shape[0], -1))
+        raw = torch.cat(blocks, dim=1)
+        return raw * self.scale + self.baseline.index_select(0, species)
+
+    def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        """``(n, n_flat)`` → one ``(n, 2λ+1, p)`` tensor per block."""
+        result: List[torch.Tensor] = []
+        for values, components, properties in zip(
+            flat.split(self.block_sizes, dim=1),
+            self.block_components,
+            self.block_properties,
+        ):
+            result.append(values.reshape(-1, components, properties))
+        return result
