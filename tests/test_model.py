@@ -267,3 +267,40 @@ def test_statistics_fit_baseline(synthetic_file):
     baseline = model.readouts["energy"].baseline[:, 0]
     # the synthetic energy has -Z per atom plus small pair terms
     np.testing.assert_allclose(baseline.detach().numpy(), [-1, -6, -8], atol=0.5)
+
+
+@pytest.mark.parametrize("ecse", ["local", "none"])
+def test_version_3_checkpoints_keep_cartesian_inputs(tmp_path, ecse):
+    """Checkpoints of version 3 (before invariant edge inputs) describe PET with
+    Cartesian inputs: they are rebuilt as such, with the same predictions."""
+    from symatomic.train.checkpoint import model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    hypers = dict(TINY_MODEL, ecse={"mode": ecse, "frame_layers": 1})
+    model = SymatomicModel(hypers, [1, 6, 8], _specs()).to(torch.float64)
+    assert model.hypers["edge_inputs"] == "cartesian"
+    data = model.model_data()
+    data["hypers"] = {
+        key: value
+        for key, value in data["hypers"].items()
+        if key != "edge_inputs" and not key.startswith("density_")
+    }
+    path = str(tmp_path / "old.ckpt")
+    save_checkpoint(
+        {"model_data": data, "model_state_dict": model.state_dict(), "epoch": 1}, path
+    )
+    old = torch.load(path, weights_only=True)
+    old["version"] = 3
+    torch.save(old, path)
+    loaded = model_from_checkpoint(path)
+    assert loaded.hypers["edge_inputs"] == "cartesian"
+    assert loaded.hypers["ecse"]["mode"] == ecse
+    atoms = make_frames(1, seed=3)[0]
+    structure = structure_from_atoms(atoms, "x")
+    compute_neighbors(structure, model.cutoff)
+    batch = collate([structure], torch.float64)
+    expected = predict_batch(model, batch, model.target_specs)[0]
+    result = predict_batch(loaded, batch, loaded.target_specs)[0]
+    for name in expected:
+        for a, b in zip(expected[name], result[name]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

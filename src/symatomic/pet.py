@@ -43,7 +43,7 @@ PET_DEFAULT_HYPERS: Dict[str, Any] = {
     "density_max_angular": 3,
     "density_max_radial": 5,
     "density_channels": 8,
-    "density_features": 16,
+    "density_features": 32,
 }
 
 _HYPER_TYPES = {

@@ -1,10 +1,11 @@
 """
-symatomic (PET with optional exact O(3) symmetrization)
-=======================================================
+symatomic (exactly O(3)-equivariant PET)
+========================================
 
-symatomic's PET backbone with one head per target, trained by symatomic's trainer
-and, with ``ecse: {mode: local}``, exactly O(3)-equivariant (every output, any
-``(o3_lambda, o3_sigma)``). This is symatomic's own architecture seen through
+symatomic's PET backbone with one head per target, trained by symatomic's trainer,
+exactly O(3)-equivariant by default (every output, any ``(o3_lambda, o3_sigma)``:
+PET with invariant edge inputs and scalar-basis tensor heads; or ECSE frames, or the
+SOAP backbone). This is symatomic's own architecture seen through
 metatrain's interfaces: after :func:`symatomic.mtt.register`, metatrain knows it as
 ``experimental.symatomic``. The hyper-parameters are those of the ``architecture``
 section of ``symatomic train`` (see symatomic's options documentation); the same
@@ -37,10 +38,12 @@ class ECSEHypers(TypedDict):
     """Exact O(3) symmetrization of PET by an ensemble of local frames (ECSE)."""
 
     mode: Literal["auto", "none", "local"] = "auto"
-    """``none``: plain PET, only approximately equivariant (trained with random
-    O(3) augmentation); ``local``: frames per atom inside PET, exactly
-    O(3)-equivariant and local; ``auto``: ``local`` with ``frame_layers: 1`` for
-    the PET backbone, ``none`` for SOAP."""
+    """``none``: no frames (with ``edge_inputs: cartesian``, plain PET, only
+    approximately equivariant, trained with random O(3) augmentation);
+    ``local``: frames per atom inside PET (Cartesian edge inputs), exactly
+    O(3)-equivariant and local; ``auto``: ``none`` with invariant edge inputs
+    (the default), ``local`` with ``frame_layers: 1`` for ``edge_inputs:
+    cartesian``, ``none`` for SOAP."""
     inversion: bool = True
     """Also average over mirror images of the frames: O(3) rather than SO(3)."""
     frame_layers: Optional[int] = None
@@ -114,6 +117,21 @@ class ModelHypers(TypedDict):
     """Normalization of the (pre-layer-norm) transformer."""
     activation: Literal["SwiGLU", "SiLU"] = PET_DEFAULT_HYPERS["activation"]
     """Activation of the feed-forward layers."""
+    edge_inputs: Literal["auto", "invariant", "cartesian"] = "auto"
+    """What PET's edge tokens see: ``invariant``: the distance and the projections
+    of the neighbor density on the pair direction (PET is then exactly
+    O(3)-invariant, without frames, at the cost of plain PET); ``cartesian``:
+    PET's original pair vectors (exact only with ``ecse: {mode: local}``);
+    ``auto``: ``invariant`` unless an ``ecse`` mode is given."""
+    density_max_angular: int = PET_DEFAULT_HYPERS["density_max_angular"]
+    """Largest angular order l of the density projections
+    (``edge_inputs: invariant``)."""
+    density_max_radial: int = PET_DEFAULT_HYPERS["density_max_radial"]
+    """``density_max_radial + 1`` radial functions of the density projections."""
+    density_channels: int = PET_DEFAULT_HYPERS["density_channels"]
+    """Learned channels of the messages that weight the density."""
+    density_features: int = PET_DEFAULT_HYPERS["density_features"]
+    """Density projections per angular order (per pair and GNN layer)."""
     ecse: ECSEHypers = {
         "mode": "auto",
         "inversion": True,
@@ -125,9 +143,8 @@ class ModelHypers(TypedDict):
     backbone: Literal["auto", "pet", "soap"] = "auto"
     """``pet``: the Point Edge Transformer; ``soap``: an exactly invariant SOAP
     power spectrum with an MLP (its tensor outputs use ``tensor_heads: basis``;
-    the model is then exactly O(3)-equivariant without ECSE; much cheaper, a
-    little less accurate); ``auto``: ``pet`` (with ECSE: the most accurate on the
-    reference data)."""
+    the model is then exactly O(3)-equivariant without ECSE); ``auto``:
+    ``pet``."""
     tensor_heads: Optional[Literal["direct", "basis"]] = None
     """How tensor (non-invariant) outputs are predicted: ``direct`` (components
     from the backbone's heads), ``basis`` (invariant coefficients times a basis

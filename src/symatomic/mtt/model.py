@@ -55,8 +55,9 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
 
     #: 1: PET hyper-parameters and ``ecse``; 2: also ``backbone``, ``tensor_heads``,
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
-    #: 3: the hyper-parameters of the built model, ``auto`` choices resolved
-    __checkpoint_version__ = 3
+    #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
+    #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
+    __checkpoint_version__ = 4
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -315,6 +316,16 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             model_data["model_hypers"] = hypers
             checkpoint["model_data"] = model_data
             checkpoint["model_ckpt_version"] = version = 3
+        if version == 3:
+            # version 4 added PET's invariant edge inputs: older models have
+            # Cartesian ones
+            checkpoint = dict(checkpoint)
+            model_data = dict(checkpoint["model_data"])
+            hypers = upgrade_model_hypers(model_data["model_hypers"])
+            hypers.setdefault("soap", dict(SOAP_DEFAULT_HYPERS))
+            model_data["model_hypers"] = hypers
+            checkpoint["model_data"] = model_data
+            checkpoint["model_ckpt_version"] = version = 4
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

@@ -25,8 +25,9 @@ CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: version of the checkpoint layout; bump it (and add an upgrade step) when it changes
 #: (2: Wigner-D matrices by Clebsch-Gordan recursion, no sampled-point buffers;
 #: 3: explicit ``backbone``, ``tensor_heads``, ``basis_hidden`` and ``soap`` in the
-#: model hyper-parameters, whose defaults became ``auto``)
-CHECKPOINT_VERSION = 3
+#: model hyper-parameters, whose defaults became ``auto``; 4: ``edge_inputs`` and the
+#: ``density_*`` options of PET's invariant edge inputs, which became the default)
+CHECKPOINT_VERSION = 4
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -77,13 +78,19 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
         if isinstance(model_data, dict) and isinstance(model_data.get("hypers"), dict):
             model_data["hypers"] = upgrade_model_hypers(model_data["hypers"])
         checkpoint["version"] = 3
+    if checkpoint["version"] < 4:
+        model_data = checkpoint.get("model_data")
+        if isinstance(model_data, dict) and isinstance(model_data.get("hypers"), dict):
+            model_data["hypers"] = upgrade_model_hypers(model_data["hypers"])
+        checkpoint["version"] = 4
     return checkpoint
 
 
 def upgrade_model_hypers(hypers: Dict[str, Any]) -> Dict[str, Any]:
-    """Model hyper-parameters written before the backbone and tensor-head options
-    existed (or while ``tensor_heads: null`` meant ``direct`` for PET): make the
-    choices of that time explicit, so that the model is rebuilt as it was."""
+    """Model hyper-parameters written before the backbone, tensor-head and
+    edge-input options existed (or while ``tensor_heads: null`` meant ``direct`` for
+    PET): make the choices of that time explicit, so that the model is rebuilt as it
+    was."""
     hypers = dict(hypers)
     hypers.setdefault("backbone", "pet")
     if hypers.get("tensor_heads") is None:
@@ -91,6 +98,8 @@ def upgrade_model_hypers(hypers: Dict[str, Any]) -> Dict[str, Any]:
     hypers.setdefault("basis_hidden", 0)
     if isinstance(hypers.get("ecse"), dict) and hypers["ecse"].get("mode") is None:
         hypers["ecse"] = dict(hypers["ecse"], mode="none")
+    # before invariant edge inputs existed, PET saw Cartesian pair vectors
+    hypers.setdefault("edge_inputs", "cartesian")
     return hypers
 
 
