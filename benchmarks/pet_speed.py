@@ -20,10 +20,10 @@ from systems import silicon_512, water_box
 import symatomic.io
 from symatomic.data.targets import parse_target_options
 from symatomic.model import SymatomicModel
-from symatomic.pet import PET_DEFAULT_HYPERS
+from symatomic.pet import PET_SIZE_KEYS
 
 
-def metatrain_pet(atomic_types):
+def metatrain_pet(atomic_types, dtype=torch.float32):
     from metatrain.pet import PET
     from metatrain.utils.architectures import get_default_hypers
     from metatrain.utils.data import DatasetInfo
@@ -36,30 +36,28 @@ def metatrain_pet(atomic_types):
     info = DatasetInfo(
         length_unit="angstrom", atomic_types=atomic_types, targets={"energy": target}
     )
-    return PET(hypers, info).export(), hypers
+    return PET(hypers, info).to(dtype).export(), hypers
 
 
 def symatomic_pet(atomic_types, hypers):
-    ours = {key: hypers[key] for key in PET_DEFAULT_HYPERS}
+    ours = {key: hypers[key] for key in PET_SIZE_KEYS}
     ours.update(backbone="pet", ecse="none")  # plain PET, as metatrain's
     spec = parse_target_options("energy", {"unit": "eV"}, "")
     model = SymatomicModel(ours, atomic_types, {"energy": spec})
     return model.export()
 
 
-def energy_and_forces(model, atoms):
+def energy_and_forces(model, atoms, dtype=torch.float32):
     """A closure computing energy and forces (neighbor list included, as in MD)."""
     options = ModelEvaluationOptions(
         length_unit="angstrom", outputs={"energy": ModelOutput(sample_kind="system")}
     )
     types = torch.tensor(atoms.numbers, dtype=torch.int32)
-    cell = torch.tensor(atoms.cell.array, dtype=torch.float32)
+    cell = torch.tensor(atoms.cell.array, dtype=dtype)
     pbc = torch.tensor(atoms.pbc)
 
     def run():
-        positions = torch.tensor(
-            atoms.positions, dtype=torch.float32, requires_grad=True
-        )
+        positions = torch.tensor(atoms.positions, dtype=dtype, requires_grad=True)
         system = System(types=types, positions=positions, cell=cell, pbc=pbc)
         symatomic.io.add_neighbor_lists([system], model)
         energy = model([system], options, check_consistency=False)["energy"]

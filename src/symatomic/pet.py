@@ -25,7 +25,13 @@ from .ecse import ECSE_DEFAULTS, ECSEFrames
 from .o3 import SolidHarmonics
 from .smooth import cutoff_function
 
-__all__ = ["PET", "PET_DEFAULT_HYPERS", "check_pet_hypers", "count_parameters"]
+__all__ = [
+    "PET",
+    "PET_DEFAULT_HYPERS",
+    "PET_SIZE_KEYS",
+    "check_pet_hypers",
+    "count_parameters",
+]
 
 PET_DEFAULT_HYPERS: Dict[str, Any] = {
     "cutoff": 4.5,
@@ -45,6 +51,21 @@ PET_DEFAULT_HYPERS: Dict[str, Any] = {
     "density_channels": 8,
     "density_features": 32,
 }
+
+#: the options of metatrain's PET (the rest are symatomic's own)
+PET_SIZE_KEYS = (
+    "cutoff",
+    "cutoff_width",
+    "d_pet",
+    "d_head",
+    "d_node",
+    "d_feedforward",
+    "num_heads",
+    "num_attention_layers",
+    "num_gnn_layers",
+    "normalization",
+    "activation",
+)
 
 _HYPER_TYPES = {
     "cutoff": float,
