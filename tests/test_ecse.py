@@ -286,6 +286,47 @@ def test_degenerate_structures_are_finite(mode):
             assert torch.isfinite(energy.gradient("positions").values).all(), name
 
 
+def _inner_cutoff_along(module, angles):
+    """Inner cutoff of a center with neighbors at 0.62 Å (along x), 1.72 Å (at
+    ``angle`` from it) and 3.3 Å (well off the axis), as the second neighbor
+    turns collinear with the first: the geometry where a trained ECSE model
+    showed force spikes of 4e3 eV/Å² (an H atom next to a compressed O-H)."""
+    values = []
+    for angle in angles:
+        theta = np.radians(angle)
+        vectors = torch.tensor(
+            [
+                [0.62, 0.0, 0.0],
+                [1.72 * np.cos(theta), 1.72 * np.sin(theta), 0.0],
+                [0.3, 3.2, 0.8],
+            ],
+            dtype=torch.float64,
+        )
+        distances = torch.linalg.norm(vectors, dim=1)
+        centers = torch.zeros(3, dtype=torch.long)
+        r_in = module.inner_cutoffs(
+            centers, distances, vectors / distances.unsqueeze(1), 1
+        )
+        values.append(float(r_in[0]))
+    return np.array(values)
+
+
+def test_inner_cutoff_moves_smoothly_as_a_pair_turns_collinear():
+    """The penalty of near-collinear pairs is bounded: the inner cutoff moves by
+    at most ~collinear_penalty, at a slope of a few Å per Å of motion of the
+    neighbor, where pushing such pairs out to the outer cutoff (the construction
+    before checkpoint version 4) moved it by 1.5 Å at ~40 Å/Å."""
+    angles = np.linspace(5.0, 60.0, 2201)
+    arc = np.radians(angles[1] - angles[0]) * 1.72  # Å moved per step
+    new = _inner_cutoff_along(ECSEFrames(4.5), angles)
+    old = _inner_cutoff_along(ECSEFrames(4.5, collinear_penalty=None), angles)
+    new_slope = np.abs(np.diff(new)).max() / arc
+    old_slope = np.abs(np.diff(old)).max() / arc
+    assert new.max() - new.min() < 0.7  # bounded by the penalty (0.5 Å) + smax
+    assert new_slope < 6.0, new_slope
+    assert old_slope > 3 * new_slope, (old_slope, new_slope)
+
+
 def test_local_ecse_is_local():
     """A per-atom prediction does not change when atoms beyond the interaction range
     ((num_gnn_layers + 1) x cutoff) are added or moved."""

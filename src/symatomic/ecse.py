@@ -47,7 +47,7 @@ Weights are normalised within groups: the atom itself (local mode) or the whole
 structure (global mode, frames of all atoms pooled).
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -77,6 +77,7 @@ ECSE_DEFAULTS = {
     "max_outer_cutoff": 10.0,
     "pruning_iterations": 0,
     "pruning_start": 0.5,
+    "collinear_penalty": 0.5,
 }
 
 #: defaults in global mode: frames pooled over a structure must be pruned, or the
@@ -166,8 +167,16 @@ class ECSEFrames(torch.nn.Module):
         max_outer_cutoff: float = 10.0,
         pruning_iterations: int = 0,
         pruning_start: float = 0.5,
+        collinear_penalty: Optional[float] = 0.5,
     ):
         super().__init__()
+        if collinear_penalty is not None and not collinear_penalty > 0:
+            raise ValueError("ECSE needs collinear_penalty > 0 (or None)")
+        #: < 0: the value of near-collinear pairs is pushed out to r_out (the
+        #: construction before checkpoint version 4)
+        self.collinear_penalty = (
+            -1.0 if collinear_penalty is None else float(collinear_penalty)
+        )
         if pruning_iterations < 0 or not 0.0 < pruning_start < 1.0:
             raise ValueError(
                 "ECSE needs pruning_iterations >= 0, 0 < pruning_start < 1"
@@ -223,8 +232,15 @@ class ECSEFrames(torch.nn.Module):
         # exponential average a small weight on a short pair is amplified by
         # exp(β (r_in - value)), which turns the onset of the angular switch into a
         # jump of r_in over a tiny change of geometry
-        far = r_out + self.offset
-        values = far + angular * (values - far)
+        if self.collinear_penalty < 0:
+            far = r_out + self.offset
+            values = far + angular * (values - far)
+        else:
+            # a bounded penalty: r_in then moves by at most ~collinear_penalty as
+            # a short pair turns collinear (pushing it out to r_out moved r_in by
+            # up to r_out - r over the angular switch: slopes of 40 Å/Å, force
+            # spikes of 1e3-1e5 eV/Å² in trained models)
+            values = values + (1.0 - angular) * self.collinear_penalty
         # smooth minimum over the pairs and the candidate r_out (weight 1); the
         # exponentials are relative to r_out, so that they stay in range; pairs
         # leave through the outer cutoff, where their value is near r_out
@@ -358,6 +374,7 @@ _ECSE_OPTION_TYPES = {
     "pruning_iterations": int,
     "pruning_start": float,
     "frame_layers": int,
+    "collinear_penalty": float,
 }
 
 
@@ -393,7 +410,8 @@ def check_ecse_options(
                 f"{sorted(_ECSE_OPTION_TYPES)}"
             )
         expected = _ECSE_OPTION_TYPES[name]
-        if name == "frame_layers" and value is None:
+        if name in ("frame_layers", "collinear_penalty") and value is None:
+            result[name] = None
             continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
@@ -411,6 +429,8 @@ def check_ecse_options(
     for name in ("beta", "beta_weights", "delta_r", "w", "delta_w", "max_outer_cutoff"):
         if result[name] <= 0:
             raise ValueError(f"{where}.{name} must be positive")
+    if result["collinear_penalty"] is not None and result["collinear_penalty"] <= 0:
+        raise ValueError(f"{where}.collinear_penalty must be positive (or null)")
     if result["pruning_iterations"] < 0:
         raise ValueError(f"{where}.pruning_iterations must not be negative")
     if not 0 < result["pruning_start"] < 1:

@@ -70,6 +70,12 @@ class ECSEHypers(TypedDict):
     pruning_start: float = ECSE_DEFAULTS["pruning_start"]
     """Frames with weights below this fraction of the largest are switched off
     smoothly."""
+    collinear_penalty: Optional[float] = ECSE_DEFAULTS["collinear_penalty"]
+    """Added to the value of a near-collinear pair of neighbors in the smooth
+    minimum giving the inner cutoff (length); bounded, so the inner cutoff moves
+    smoothly as a short pair turns collinear. ``None``: such pairs are pushed out
+    to the outer cutoff (steeper; the construction of checkpoints before version
+    4)."""
 
 
 class SOAPHypers(TypedDict):

@@ -26,7 +26,8 @@ CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: (2: Wigner-D matrices by Clebsch-Gordan recursion, no sampled-point buffers;
 #: 3: explicit ``backbone``, ``tensor_heads``, ``basis_hidden`` and ``soap`` in the
 #: model hyper-parameters, whose defaults became ``auto``; 4: ``edge_inputs`` and the
-#: ``density_*`` options of PET's invariant edge inputs, which became the default)
+#: ``density_*`` options of PET's invariant edge inputs, which became the default,
+#: and ECSE's ``collinear_penalty``, null before)
 CHECKPOINT_VERSION = 4
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
@@ -98,8 +99,12 @@ def upgrade_model_hypers(hypers: Dict[str, Any]) -> Dict[str, Any]:
     hypers.setdefault("basis_hidden", 0)
     if isinstance(hypers.get("ecse"), dict) and hypers["ecse"].get("mode") is None:
         hypers["ecse"] = dict(hypers["ecse"], mode="none")
-    # before invariant edge inputs existed, PET saw Cartesian pair vectors
+    # before invariant edge inputs existed, PET saw Cartesian pair vectors; the
+    # inner cutoff of ECSE pushed near-collinear pairs out to the outer cutoff
     hypers.setdefault("edge_inputs", "cartesian")
+    if isinstance(hypers.get("ecse"), dict):
+        hypers["ecse"] = dict(hypers["ecse"])
+        hypers["ecse"].setdefault("collinear_penalty", None)
     return hypers
 
 
