@@ -10,7 +10,9 @@ and α; methane 70/10/20 for energy and forces), same number of epochs:
 * ``PET, symmetrized``: the first model's weights evaluated with local ECSE in
   every layer, no retraining (``symatomic export --ecse local``);
 * ``PET fine-tuned with ECSE``: the first model fine-tuned with ECSE in the loop
-  for a quarter of the epochs (``finetune: {read_from: …}``).
+  for a quarter of the epochs (``finetune: {read_from: …}``);
+* the previous default (ECSE in the first attention layer, scalar-basis tensor
+  heads) and the default (invariant edge inputs, no frames, scalar-basis heads).
 
 Prints the test RMSEs and the training time of each.
 
@@ -78,6 +80,20 @@ def compare(path, targets, indices, epochs, batch_size, frame_layers, keys, fold
     options = options_for(path, targets, indices, model, finetune)
     tuned, minutes = train(options, folder, "finetune")
     rows.append(("PET fine-tuned with ECSE", tuned.test_errors, minutes))
+
+    # the defaults, with their scalar-basis tensor heads: before (ECSE frames in
+    # the first attention layer) and now (invariant edge inputs, no frames)
+    for label, changes in (
+        (
+            "previous default (ECSE fl 1)",
+            {"ecse": {"mode": "local", "frame_layers": 1}},
+        ),
+        ("default (invariant inputs)", {"ecse": "auto", "edge_inputs": "invariant"}),
+    ):
+        model = {**MODEL, "tensor_heads": "basis", **changes}
+        options = options_for(path, targets, indices, model, training)
+        result, minutes = train(options, folder, label.split()[0])
+        rows.append((label, result.test_errors, minutes))
     return [(variant, {k: e[k] for k in keys}, m) for variant, e, m in rows]
 
 
@@ -135,10 +151,10 @@ def main() -> None:
 
     for title, keys, rows in tables:
         print(f"\n{title} (test RMSE)")
-        print(f"  {'variant':28s}" + "".join(f"{k:>22s}" for k in keys) + "  minutes")
+        print(f"  {'variant':30s}" + "".join(f"{k:>22s}" for k in keys) + "  minutes")
         for variant, errors, minutes in rows:
             values = "".join(f"{errors[k]:22.4f}" for k in keys)
-            print(f"  {variant:28s}{values}  {minutes:7.1f}")
+            print(f"  {variant:30s}{values}  {minutes:7.1f}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,10 @@ OURS: Dict[str, Dict] = {
         "soap": {"n_pseudo_species": 2, "d_hidden": 32, "d_out": 32},
         "d_head": 32,
     },
-    # exactly equivariant: ECSE-averaged PET features as coefficients (the default)
+    # exactly equivariant, no frames: PET with invariant edge inputs (the default)
+    "pet-invariant-basis": {"backbone": "pet", "edge_inputs": "invariant"},
+    # exactly equivariant: ECSE-averaged PET features as coefficients (the default
+    # before invariant edge inputs)
     "pet-ecse-basis": {
         "backbone": "pet",
         "ecse": {"mode": "local", "frame_layers": 1},
@@ -230,7 +233,7 @@ def main() -> None:
         "--models",
         nargs="+",
         default=METATRAIN
-        + ["soap-basis", "soap-basis-small", "pet-ecse-basis", "pet-basis"],
+        + ["soap-basis", "soap-basis-small", "pet-invariant-basis", "pet-basis"],
     )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)

@@ -44,6 +44,7 @@ PET_SIZES = {
 }
 BACKBONES = {
     "soap, basis heads": {"backbone": "soap"},
+    "PET (default), basis heads": dict(PET_SIZES, backbone="pet"),
     "PET+ECSE, basis heads": dict(
         PET_SIZES,
         backbone="pet",
