@@ -216,3 +216,17 @@ def test_unknown_unit_is_rejected_before_training(synthetic_file, tmp_path):
         Trainer(
             check_options(_train_targets), str(tmp_path / "run"), progress=False
         ).run()
+
+
+def test_time_left_estimate():
+    """The estimate of the whole run's time left: median of recent epochs (the
+    first, warm-up epoch left out), plus the final evaluation and export."""
+    from symatomic.train.trainer import _format_duration, _seconds_left, _time_left
+
+    assert _seconds_left([], 10) == 0.0 and _time_left([], 10) == ""
+    assert _seconds_left([5.0, 1.0, 1.2, 0.8], 10) == pytest.approx(12.0)
+    assert _seconds_left([3.0], 0) == 0.0
+    assert _format_duration(42) == "42 s"
+    assert _format_duration(600) == "10 min"
+    assert _format_duration(7200) == "2.0 h"
+    assert "left in all" in _time_left([2.0, 2.0], 5)

@@ -527,11 +527,8 @@ class Trainer:
         self.augmentation = (not symmetric) if augmentation == "auto" else augmentation
         if symmetric:
             self._log(
-                "exactly O(3)-equivariant model (%s backbone, ECSE %s, %s tensor "
-                "heads); augmentation %s",
-                self.model.hypers["backbone"],
-                self.model.hypers["ecse"]["mode"],
-                self.model.tensor_heads,
+                "exactly O(3)-equivariant model (%s); augmentation %s",
+                _describe_symmetry(self.model.hypers),
                 "on" if self.augmentation else "off",
             )
 
@@ -540,8 +537,10 @@ class Trainer:
         if checkpoint is not None:
             self.last_epoch = start_epoch
         self.stage = "training"
+        durations: List[float] = []
         for epoch in range(start_epoch, hypers["num_epochs"]):
             start_time = time.perf_counter()
+            left = _time_left(durations, hypers["num_epochs"] - epoch)
             model.train()
             order = (
                 np.random.default_rng(seed * _MIX + epoch).permutation(n_train).tolist()
@@ -549,7 +548,7 @@ class Trainer:
             epoch_loss = 0.0
             bar = tqdm(
                 range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{hypers['num_epochs']}",
+                desc=f"epoch {epoch + 1}/{hypers['num_epochs']}{left}",
                 disable=not (self.progress and self.context.is_main),
                 leave=False,
                 file=sys.stderr,
@@ -606,6 +605,10 @@ class Trainer:
                 best_epoch = epoch
                 best_state = copy.deepcopy(model.state_dict())
             record["time"] = time.perf_counter() - start_time
+            durations.append(record["time"])
+            record["time_left"] = _seconds_left(
+                durations, hypers["num_epochs"] - epoch - 1
+            )
             history.append(record)
             if self.context.is_main and (
                 (epoch + 1) % hypers["log_interval"] == 0
@@ -850,7 +853,45 @@ class Trainer:
             if values:
                 parts.append(f"{prefix} RMSE: " + ", ".join(values))
         parts.append(f"{record['time']:.1f}s")
+        if record.get("time_left", 0.0) > 0:
+            parts.append(f"~{_format_duration(record['time_left'])} left")
         return " | ".join(parts)
+
+
+def _describe_symmetry(hypers: Dict[str, Any]) -> str:
+    """How a model is made exact, in a few words."""
+    heads = f"{hypers['tensor_heads']} tensor heads"
+    if hypers["backbone"] == "soap":
+        return "invariant SOAP backbone, " + heads
+    if hypers.get("edge_inputs") == "invariant":
+        return "PET with invariant edge inputs, " + heads
+    if hypers["ecse"]["mode"] == "local":
+        return "PET with local ECSE frames, " + heads
+    return "PET, " + heads
+
+
+def _seconds_left(durations: List[float], epochs_left: int) -> float:
+    """Estimated seconds for the remaining epochs: the median of the last (up to
+    5) epoch times, the first epoch (warm-up) left out once others exist, plus
+    ~2 epochs for the final evaluation and export."""
+    if not durations or epochs_left <= 0:
+        return 0.0
+    recent = durations[1:] if len(durations) > 1 else durations
+    per_epoch = float(np.median(recent[-5:]))
+    return per_epoch * (epochs_left + 2)
+
+
+def _time_left(durations: List[float], epochs_left: int) -> str:
+    seconds = _seconds_left(durations, epochs_left)
+    return f" (~{_format_duration(seconds)} left in all)" if seconds > 0 else ""
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _differences(before: Any, after: Any, prefix: str = "") -> List[str]:
