@@ -388,10 +388,11 @@ def check_ecse_options(
 ) -> Dict[str, Any]:
     """Validate the ``ecse`` section of the model options, filling defaults.
 
-    ``mode``: ``"none"`` (plain PET, trained with augmentation), ``"local"``
-    (frames applied inside PET, exactly O(3)-equivariant and local) or ``"auto"``
-    (the default: ``local`` with ``frame_layers: 1`` for the PET backbone, ``none``
-    for the invariant SOAP backbone; resolved by :func:`symatomic.model.resolve_model_hypers`); ``inversion``:
+    ``mode``: ``"none"`` (no frames), ``"local"`` (frames applied inside PET,
+    exactly O(3)-equivariant and local) or ``"auto"`` (the default: ``none`` for
+    PET with invariant edge inputs and for the SOAP backbone, ``local`` with
+    ``frame_layers: 1`` for PET with Cartesian inputs; resolved by
+    :func:`symatomic.model_options.resolve_model_hypers`); ``inversion``:
     also symmetrize over inversion (O(3) rather than SO(3)); ``frame_layers``: how
     many attention layers (counted through all GNN layers) run in every frame, the
     others seeing frame-averaged tokens and distances only (``null``: all, as needed
