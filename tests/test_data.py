@@ -306,9 +306,13 @@ def test_options_errors():
     with pytest.raises(ValueError, match="unknown top-level option"):
         check_options({**base, "trainig": {}})
     with pytest.raises(
-        ValueError, match="architecture.model: unknown PET option 'd_pett'"
-    ):
+        ValueError, match=r"architecture.model: unknown option\(s\) \['d_pett'\]"
+    ) as error:
         check_options({**base, "architecture": {"name": "pet", "model": {"d_pett": 3}}})
+    # every accepted key is listed, not only PET's
+    for key in ("ecse", "backbone", "soap", "tensor_heads", "basis_hidden"):
+        assert f"'{key}'" in str(error.value)
+    assert "'edge_inputs'" in str(error.value) and "'d_pet'" in str(error.value)
     with pytest.raises(
         ValueError, match="architecture.training.batch_size must be a int"
     ):

@@ -10,9 +10,10 @@ from typing import Any, Dict
 
 from .data.targets import TargetSpec
 from .ecse import check_ecse_options
-from .pet import check_pet_hypers
+from .pet import PET_DEFAULT_HYPERS, check_pet_hypers
 
 __all__ = [
+    "MODEL_OPTIONS",
     "SOAP_DEFAULT_HYPERS",
     "check_model_hypers",
     "is_exactly_equivariant",
@@ -57,6 +58,16 @@ def _check_soap_hypers(options: Any, where: str) -> Dict[str, Any]:
     return result
 
 
+#: every key of ``architecture.model``: PET's options and the model's own
+MODEL_OPTIONS = tuple(PET_DEFAULT_HYPERS) + (
+    "ecse",
+    "backbone",
+    "soap",
+    "tensor_heads",
+    "basis_hidden",
+)
+
+
 def check_model_hypers(
     hypers: Dict[str, Any], where: str = "architecture.model"
 ) -> Dict[str, Any]:
@@ -71,6 +82,14 @@ def check_model_hypers(
     (:func:`symatomic.ecse.check_ecse_options`). Everything else are PET
     hyper-parameters (``cutoff`` and ``cutoff_width`` are shared with SOAP).
     """
+    if not isinstance(hypers, dict):
+        raise ValueError(f"{where} must be a mapping, got {hypers!r}")
+    unknown = sorted(set(hypers) - set(MODEL_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown option(s) {unknown}; accepted options are "
+            f"{sorted(MODEL_OPTIONS)}"
+        )
     hypers = dict(hypers)
     ecse = check_ecse_options(hypers.pop("ecse", None), where + ".ecse")
     backbone = hypers.pop("backbone", "auto")
