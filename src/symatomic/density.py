@@ -21,7 +21,9 @@ the angles between the pair ``ij`` and every other pair of ``i`` (the sum includ
 ``k = j``). Both factors of every term rotate with the same orthogonal ``D^l`` and
 carry the same parity ``(-1)^l``: ``p`` is exactly invariant under rotations,
 inversion and permutations. It is smooth wherever ``fc`` and ``R_n`` are (pairs
-enter and leave through ``fc``), and it costs ``O(n_pairs (L+1)² C)``: linear in the
+enter and leave through ``fc``; PET takes the harmonics of softened directions
+``r / √(r² + ε²)``, ``ε = 0.04 × cutoff``, unit vectors except for atoms that
+nearly collide, where ``r̂`` would make the forces grow as ``1/r``), and it costs ``O(n_pairs (L+1)² C)``: linear in the
 number of neighbors, not quadratic.
 """
 

@@ -501,6 +501,8 @@ class PET(torch.nn.Module):
                 )
             d_geometry = 2 + int(hypers["density_max_radial"]) + densities[0].n_features
         self.densities = torch.nn.ModuleList(densities)
+        #: ε of the softened pair directions of the density (length unit)
+        self.direction_softening = 0.04 * self.cutoff
         self.density_radial = radial_basis(
             self.cutoff, int(hypers["density_max_radial"])
         )
@@ -588,7 +590,13 @@ class PET(torch.nn.Module):
         harmonics: List[torch.Tensor] = []
         radial = distances.unsqueeze(1)
         if self.invariant_inputs:
-            harmonics = self.density_harmonics(edge_vectors / distances.unsqueeze(1))
+            # softened directions r / sqrt(r² + ε²): unit vectors for r ≫ ε, but
+            # smooth (a polynomial, not 1/r) as two atoms collide in hot MD
+            softening = self.direction_softening**2
+            harmonics = self.density_harmonics(
+                edge_vectors
+                / torch.sqrt(distances * distances + softening).unsqueeze(1)
+            )
             radial = torch.cat(
                 [distances.unsqueeze(1), self.density_radial(distances)], dim=1
             )
