@@ -206,6 +206,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 30.0])
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2])
     parser.add_argument("--keep", default=None)
+    parser.add_argument(
+        "--calibrate-only",
+        action="store_true",
+        help="measure and print the seconds per epoch, train nothing",
+    )
     parser.add_argument("--train-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.train_one:
@@ -234,6 +239,8 @@ def main() -> None:
         line = ", ".join(f"{v} {seconds[name][v]:.2f} s" for v in args.variants)
         print(f"  {name}: seconds per epoch: {line}", flush=True)
     print(f"  load average after: {load()}", flush=True)
+    if args.calibrate_only:
+        return
 
     jobs = []
     for budget in args.budgets:

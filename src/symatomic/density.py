@@ -53,6 +53,10 @@ class PairDensityProjections(torch.nn.Module):
     :param n_channels: learned channels of ``h`` (``C_h``)
     :param n_outputs: channels ``c`` per ``l``
     :param average_neighbors: ``N_avg``
+    :param d_out: when positive, :meth:`forward` returns a learned linear map of the
+        projections, ``(n_pairs, d_out)``, computed without forming the projections
+        (the map is applied to every atom's density, ``(L+1)²`` rows, before the
+        projection on the pairs); 0: the projections themselves
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class PairDensityProjections(torch.nn.Module):
         n_channels: int = 8,
         n_outputs: int = 16,
         average_neighbors: float = 20.0,
+        d_out: int = 0,
     ):
         super().__init__()
         if max_angular < 0 or max_radial < 0 or n_channels < 1 or n_outputs < 1:
@@ -78,6 +83,12 @@ class PairDensityProjections(torch.nn.Module):
         self.channels = torch.nn.Linear(d_pair, self.n_channels, bias=False)
         self.mixing = torch.nn.Linear(
             self.n_radial * self.n_channels, self.n_features, bias=False
+        )
+        self.d_out = int(d_out)
+        self.output = torch.nn.ModuleList(
+            [torch.nn.Linear(self.n_features, self.d_out, bias=False)]
+            if self.d_out > 0
+            else []
         )
         # 4π: the harmonics are orthonormal, the formula's have mean square 1
         self.scale = 4.0 * math.pi / float(average_neighbors)
@@ -109,7 +120,8 @@ class PairDensityProjections(torch.nn.Module):
         :param fc: ``(n_pairs,)`` cutoff factors
         :param centers: ``(n_pairs,)`` center ``i`` of every pair, sorted
         :param n_atoms: number of atoms
-        :return: ``(n_pairs, (L+1) n_outputs)`` invariant features, ``l``-major
+        :return: ``(n_pairs, (L+1) n_outputs)`` invariant features, ``l``-major, or
+            ``(n_pairs, d_out)``, their linear map
         """
         n_pairs = radial.shape[0]
         if radial.shape[1] != self.n_radial:
@@ -138,5 +150,11 @@ class PairDensityProjections(torch.nn.Module):
         # A[i, (l, m), (l', c)], kept where l = l' only (scaled by 1/(2l+1))
         density = torch.bmm(padded_y.transpose(1, 2), padded_w)
         density = density * self.block_mask.to(dtype=y.dtype, device=y.device)
-        projections = torch.bmm(padded_y, density).reshape(n_slots, self.n_features)
+        width = self.n_features
+        for output in self.output:
+            # (W p)_ij = Σ_lm Y_lm(r̂_ij) (A_i Wᵀ)_lm: the map acts on (L+1)² rows
+            # per atom instead of one row per pair
+            density = output(density)
+            width = self.d_out
+        projections = torch.bmm(padded_y, density).reshape(n_slots, width)
         return projections.index_select(0, slots) * self.scale

@@ -355,6 +355,7 @@ class GNNLayer(torch.nn.Module):
         edge_geometry: torch.Tensor,
         neighbor_species: torch.Tensor,
         layout: "AttentionLayout",
+        extra_input: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         :param nodes: ``(n_atoms, d_node)``
@@ -362,9 +363,12 @@ class GNNLayer(torch.nn.Module):
         :param edge_geometry: ``(n_pairs, d_geometry)``: ``(x, y, z, r)`` of the pair
             vectors, or invariant pair features
         :param neighbor_species: ``(n_pairs,)`` species index of the neighbors
+        :param extra_input: optional ``(n_pairs, d_pet)`` added to the first layer of
+            the edge embedding (the density projections of invariant inputs, already
+            mapped to ``d_pet``)
         :return: updated nodes and the output edge tokens ``(n_pairs, d_pet)``
         """
-        edges = self.embed(messages, edge_geometry, neighbor_species)
+        edges = self.embed(messages, edge_geometry, neighbor_species, extra_input)
         for layer in self.attention_layers:
             nodes, edges = layer(nodes, edges, layout)
         return nodes, edges
@@ -374,9 +378,12 @@ class GNNLayer(torch.nn.Module):
         messages: torch.Tensor,
         edge_geometry: torch.Tensor,
         neighbor_species: torch.Tensor,
+        extra_input: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The edge tokens ``(n_pairs, d_pet)`` entering the attention layers."""
         hidden = self.geometry_input(edge_geometry) + self.message_input(messages)
+        if extra_input is not None:
+            hidden = hidden + extra_input
         for embedding in self.species_inputs:
             hidden = hidden + embedding(neighbor_species)
         return self.compress_output(torch.nn.functional.silu(hidden))
@@ -492,6 +499,7 @@ class PET(torch.nn.Module):
                 densities.append(
                     PairDensityProjections(
                         self.d_pet,
+                        d_out=self.d_pet,
                         max_angular=max_angular,
                         max_radial=int(hypers["density_max_radial"]),
                         n_channels=int(hypers["density_channels"]),
@@ -499,7 +507,7 @@ class PET(torch.nn.Module):
                         average_neighbors=average_neighbors,
                     )
                 )
-            d_geometry = 2 + int(hypers["density_max_radial"]) + densities[0].n_features
+            d_geometry = 2 + int(hypers["density_max_radial"])
         self.densities = torch.nn.ModuleList(densities)
         #: ε of the softened pair directions of the density (length unit)
         self.direction_softening = 0.04 * self.cutoff
@@ -604,18 +612,22 @@ class PET(torch.nn.Module):
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
         ):
+            density_input: Optional[torch.Tensor] = None
             if self.invariant_inputs:
                 # invariant edge inputs: r_ij, R_n(r_ij) and the projections of the
                 # (message-weighted) neighbor density on r̂_ij
+                # (mapped to d_pet inside the density module: the same linear map
+                # as a part of the embedding's first layer, at a fraction of its
+                # cost)
                 for index, density in enumerate(self.densities):
                     if index == layer_index:
-                        projections = density(
+                        density_input = density(
                             messages, radial[:, 1:], harmonics, fc, centers, n_atoms
                         )
-                        edge_geometry = torch.cat([radial, projections], dim=1)
+                edge_geometry = radial
             layer_index += 1
             nodes, edges = gnn_layer(
-                nodes, messages, edge_geometry, neighbor_species, layout
+                nodes, messages, edge_geometry, neighbor_species, layout, density_input
             )
             reversed_edges = edges.index_select(0, reverse)
             messages = (
