@@ -21,7 +21,7 @@ call, calls alternating between the models, 2 threads, in one process. Printed:
   within the cutoff: peak memory of energy + forces.
 
     python benchmarks/ecse_cost.py [--repeats 5] [--threads 2] [--skip-scaling]
-        [--skip-dense] [--only water] [--symmetrizers]
+        [--skip-dense] [--only water] [--symmetrizers] [--tuned-allocator]
 
 ``--symmetrizers`` also times the ways to make a trained plain PET exact afterwards
 (global ECSE, metatomic's ``SymmetrizedModel``) on a QM7-X molecule.
@@ -49,6 +49,7 @@ from peers import mace_available, mace_energy_and_forces, mace_model
 from pet_speed import energy_and_forces, metatrain_pet
 from systems import silicon_512, water_box
 
+from symatomic.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, tune_allocator
 from symatomic.data import compute_neighbors, structure_from_atoms
 from symatomic.data.targets import parse_target_options
 from symatomic.ecse import ECSE_DEFAULTS, ECSEFrames, frames_per_group
@@ -368,15 +369,30 @@ def main() -> None:
         "--data",
         default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
     )
+    parser.add_argument(
+        "--tuned-allocator",
+        action="store_true",
+        help="keep large freed blocks for reuse, as symatomic's command line does "
+        "(symatomic.allocator; glibc's MALLOC_* variables for the memory runs)",
+    )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--memory-system", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tuned_allocator:
+        tune_allocator()
+        # the same for the fresh processes that measure the peak memory
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = str(TRIM_THRESHOLD)
     if args.memory_of is not None:
         _measure_memory(args.memory_of, args.memory_system)
         return
 
-    print(f"torch {torch.__version__}, {args.threads} threads, float32 timings")
+    allocator = "tuned" if args.tuned_allocator else "glibc's defaults"
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, float32 timings, "
+        f"allocator: {allocator}"
+    )
     for key, label in (("water", "water box"), ("silicon", "silicon crystal")):
         if args.only is not None and key != args.only:
             continue

@@ -660,6 +660,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.function is None:
         parser.print_help()
         return 0
+    from .allocator import tune_allocator
+
+    # keep large freed blocks for reuse (1.1-1.8x faster on big systems)
+    tune_allocator()
     debug = bool(os.environ.get("SYMATOMIC_DEBUG"))
     show_warning = warnings.showwarning
     previous = None
