@@ -117,7 +117,9 @@ def evaluation(model, atoms: ase.Atoms, with_tensors: bool) -> Callable[[], None
         names += [
             n
             for n in model.capabilities().outputs
-            if n != "energy" and not n.startswith(("mtt::aux::", "features"))
+            if n != "energy"
+            and n not in ("feature", "features")
+            and not n.startswith("mtt::aux::")
         ]
     options = ModelEvaluationOptions(
         length_unit="angstrom",

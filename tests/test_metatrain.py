@@ -155,9 +155,13 @@ class TestOutputPET(_Symatomic, OutputTests):
     # irreps, keys o3_lambda_1/o3_lambda_2) are not supported: symatomic learns
     # targets as lists of (o3_lambda, o3_sigma) blocks
     supports_spherical_rank2_outputs = False
-    # symatomic models have no "feature" and no last-layer-feature outputs
-    supports_features = False
+    # the "feature" output: atom features and pooled pair features; no
+    # last-layer-feature outputs yet
     supports_last_layer_features = False
+
+    @pytest.fixture
+    def n_features(self) -> int:
+        return SMALL_MODEL["d_node"] + SMALL_MODEL["d_pet"]
 
 
 class TestTorchscriptPET(_Symatomic, TorchscriptTests):
@@ -258,6 +262,22 @@ SOAP_MODEL = {"backbone": "soap", "soap": SMALL_SOAP}
 class TestOutputSOAP(TestOutputPET):
     # invariant SOAP coefficients times the tensor basis: exactly O(3)-equivariant
     extra = SOAP_MODEL
+    is_equivariant_rotations = True
+    is_equivariant_reflections = True
+
+
+    @pytest.fixture
+    def n_features(self) -> int:
+        return SMALL_SOAP["d_out"] + SMALL_SOAP["d_pair"]
+
+
+# ------------------------------------------------ the default: invariant inputs
+
+
+class TestOutputInvariantPET(TestOutputPET):
+    # PET with invariant edge inputs and scalar-basis heads (the default): exactly
+    # O(3)-equivariant without frames
+    ecse = {"mode": "auto"}
     is_equivariant_rotations = True
     is_equivariant_reflections = True
 

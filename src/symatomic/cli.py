@@ -307,7 +307,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = io.load_model(args.model)
     capabilities = model.capabilities()
     specs = io.model_target_specs(model)
-    names = list(capabilities.outputs.keys())
+    names = io.default_outputs(capabilities)
     paths = _output_paths(args.output, names) if args.output is not None else {}
     # refuse before the work, like export
     for name, files in paths.items():

@@ -22,6 +22,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     AtomisticModel,
+    ModelCapabilities,
     ModelEvaluationOptions,
     ModelOutput,
     System,
@@ -44,6 +45,7 @@ __all__ = [
     "load_model",
     "targets_to_tensormap",
     "model_target_specs",
+    "default_outputs",
     "add_neighbor_lists",
 ]
 
@@ -86,6 +88,22 @@ def load_model(path: str) -> AtomisticModel:
             f"model '{path}' is not a readable metatomic model "
             f"({torch_load_reason(error)}); {hint}"
         ) from None
+
+
+#: outputs that are not predictions of a target, computed only when asked for
+#: (metatomic also lists ``features``, the deprecated name of ``feature``)
+AUXILIARY_OUTPUTS = ("feature", "features")
+
+
+def default_outputs(capabilities: ModelCapabilities) -> List[str]:
+    """What :func:`predict` and ``symatomic eval`` compute unless told: every output
+    of the model except :data:`AUXILIARY_OUTPUTS` (``feature``) and metatrain's
+    auxiliary ``mtt::aux::`` outputs."""
+    return [
+        name
+        for name in capabilities.outputs
+        if name not in AUXILIARY_OUTPUTS and not name.startswith("mtt::aux::")
+    ]
 
 
 def model_target_specs(model: AtomisticModel) -> Dict[str, TargetSpec]:
@@ -133,7 +151,8 @@ def predict(
 
     :param model: path of a ``.pt`` file or a loaded :class:`AtomisticModel`
     :param structures: a file readable by ASE, ASE atoms, or structures
-    :param outputs: names of the outputs (default: every output of the model)
+    :param outputs: names of the outputs (default: :func:`default_outputs`; ask for
+        ``"feature"`` to get the model's invariant features)
     :param batch_size: number of structures evaluated together
     :param forces: attach ``positions`` gradients (``dE/dr``) to energies
     :param stress: with ``forces``, also attach ``strain`` gradients (``dE/dε``) to
@@ -153,7 +172,7 @@ def predict(
                 f"structure {structure.source} contains atomic type(s) {sorted(unknown)} "
                 f"unknown to the model (it knows {capabilities.atomic_types})"
             )
-    names = list(outputs) if outputs is not None else list(capabilities.outputs.keys())
+    names = list(outputs) if outputs is not None else default_outputs(capabilities)
     for name in names:
         if name not in capabilities.outputs:
             raise ValueError(
@@ -249,6 +268,8 @@ def _natural_sample_kind(model: AtomisticModel, name: str) -> str:
     specs = model_target_specs(model)
     if name in specs:
         return specs[name].sample_kind
+    if name == "feature":
+        return "atom"
     return "system"
 
 

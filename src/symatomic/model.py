@@ -19,7 +19,7 @@ values are sums over atoms.
 """
 
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -46,7 +46,7 @@ from .model_options import (
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import SolidHarmonics, WignerD
 from .pet import PET
-from .readout import TargetReadout, basis_inputs
+from .readout import TargetReadout, atom_features, basis_inputs
 from .statistics import fit_output_statistics
 
 __all__ = [
@@ -130,6 +130,8 @@ class SymatomicModel(torch.nn.Module):
             self.backbone.invariant_features = uses_basis
             d_node = int(self.hypers["d_node"])
             d_edge = int(self.hypers["d_pet"])
+        #: width of the ``feature`` output: atom features and pooled pair features
+        self.feature_size = d_node + d_edge
         self.exactly_equivariant = is_exactly_equivariant(self.hypers)
         max_lambda = max(
             [b.o3_lambda for s in targets.values() for b in s.blocks] + [0]
@@ -230,6 +232,8 @@ class SymatomicModel(torch.nn.Module):
             pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
             pair_harmonics = self.basis_harmonics(pair_directions(edge_vectors))
         result: Dict[str, torch.Tensor] = {}
+        if "feature" in names:
+            result["feature"] = atom_features(features, species.shape[0])
         for name, readout in self.readouts.items():
             if name in names:
                 result[name] = readout(
@@ -303,12 +307,12 @@ class SymatomicModel(torch.nn.Module):
         per-atom contributions over the (selected) atoms of each system.
         """
         for name in outputs.keys():
-            if name not in self.target_names:
+            if name not in self.target_names and name != "feature":
                 raise ValueError(
                     "this model can not compute '"
                     + name
                     + "'; it computes "
-                    + str(self.target_names)
+                    + str(self.target_names + ["feature"])
                 )
         if len(systems) == 0:
             raise ValueError("no systems given")
@@ -400,31 +404,14 @@ class SymatomicModel(torch.nn.Module):
                     mask = selected
                     if atom_type >= 0:
                         mask = mask & (all_types.to(torch.long) == atom_type)
-                    if per_atom_request:
-                        block_values = block_values[mask]
-                        sample_values = torch.stack(
-                            [all_system_index[mask], atom_in_system[mask]], dim=1
-                        ).to(torch.int32)
-                        samples = Labels(["system", "atom"], sample_values)
-                    else:
-                        masked = block_values * mask.to(block_values.dtype).reshape(
-                            -1, 1, 1
-                        )
-                        block_values = torch.zeros(
-                            [
-                                len(systems),
-                                block_values.shape[1],
-                                block_values.shape[2],
-                            ],
-                            dtype=block_values.dtype,
-                            device=device,
-                        ).index_add(0, all_system_index, masked)
-                        samples = Labels(
-                            ["system"],
-                            torch.arange(
-                                len(systems), dtype=torch.int32, device=device
-                            ).reshape(-1, 1),
-                        )
+                    block_values, samples = _per_atom_or_summed(
+                        block_values,
+                        mask,
+                        per_atom_request,
+                        all_system_index,
+                        atom_in_system,
+                        len(systems),
+                    )
                     components = [
                         c.to(device) for c in self._components[name][block_index]
                     ]
@@ -439,6 +426,30 @@ class SymatomicModel(torch.nn.Module):
                         )
                     )
                 result[name] = TensorMap(self._keys[name].to(device), blocks)
+        if "feature" in atomic:
+            feature_values, samples = _per_atom_or_summed(
+                atomic["feature"].unsqueeze(1),
+                selected,
+                outputs["feature"].sample_kind == "atom",
+                all_system_index,
+                atom_in_system,
+                len(systems),
+            )
+            width = feature_values.shape[2]
+            properties = Labels(
+                ["feature"],
+                torch.arange(width, dtype=torch.int32, device=device).reshape(-1, 1),
+            )
+            feature_block = TensorBlock(
+                values=feature_values.reshape(-1, width),
+                samples=samples,
+                components=[],
+                properties=properties,
+            )
+            result["feature"] = TensorMap(
+                Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device)),
+                [feature_block],
+            )
         return result
 
     # --------------------------------------------------------------- statistics
@@ -458,6 +469,15 @@ class SymatomicModel(torch.nn.Module):
                 sample_kind="atom",
                 description=spec.description or _describe_target(spec),
             )
+        outputs["feature"] = ModelOutput(
+            unit="",
+            sample_kind="atom",
+            description="the backbone's last atom features and their pooled pair "
+            "features ("
+            + str(self.feature_size)
+            + " per atom; per structure: their sum), exactly invariant when the "
+            "model is exact",
+        )
         dtype = next(self.parameters()).dtype
         return ModelCapabilities(
             outputs=outputs,
@@ -536,3 +556,33 @@ def _describe_target(spec: TargetSpec) -> str:
     if spec.kind == "spherical":
         return f"spherical tensor with blocks {blocks}"
     return "scalar"
+
+
+def _per_atom_or_summed(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    per_atom: bool,
+    system_index: torch.Tensor,
+    atom_in_system: torch.Tensor,
+    n_systems: int,
+) -> Tuple[torch.Tensor, Labels]:
+    """The values ``(n_atoms, c, p)`` of the atoms in ``mask`` with their
+    ``(system, atom)`` samples, or their sums per system with ``(system,)``
+    samples."""
+    device = values.device
+    if per_atom:
+        sample_values = torch.stack(
+            [system_index[mask], atom_in_system[mask]], dim=1
+        ).to(torch.int32)
+        return values[mask], Labels(["system", "atom"], sample_values)
+    masked = values * mask.to(values.dtype).reshape(-1, 1, 1)
+    summed = torch.zeros(
+        [n_systems, values.shape[1], values.shape[2]],
+        dtype=values.dtype,
+        device=device,
+    ).index_add(0, system_index, masked)
+    samples = Labels(
+        ["system"],
+        torch.arange(n_systems, dtype=torch.int32, device=device).reshape(-1, 1),
+    )
+    return summed, samples

@@ -7,11 +7,11 @@ import torch
 
 from .basis import ScalarBasisHead
 from .data.targets import TargetSpec
-from .heads import DirectHead, PooledHead
+from .heads import DirectHead, PooledHead, pool_pairs
 from .model_options import tensor_heads_of
 from .pet import PETFeatures
 
-__all__ = ["TargetReadout", "basis_inputs"]
+__all__ = ["TargetReadout", "atom_features", "basis_inputs"]
 
 
 def basis_inputs(
@@ -27,6 +27,47 @@ def basis_inputs(
     if nodes is None or edges is None or fc is None or centers is None:
         return features.nodes, features.edges, features.fc, features.edge_owners
     return nodes, edges, fc, centers
+
+
+def atom_features(features: PETFeatures, n_atoms: int) -> torch.Tensor:
+    """The ``feature`` output: ``(n_atoms, d_node + d_edge)``, the backbone's last atom
+    features and the cutoff-weighted sum of its last pair features,
+    ``[h_i, Σ_j fc(r_ij) e_ij]`` (what the coefficient heads read).
+
+    Exactly invariant for exact models: the SOAP backbone's, PET's with invariant
+    edge inputs, and with ECSE frames the invariant frame averages (or, where the
+    backbone has none, the weighted average over an atom's frames of the features
+    computed in each frame, which are invariant themselves). Plain PET's features
+    are only approximately invariant.
+
+    :param features: the backbone's output
+    :param n_atoms: number of atoms
+    """
+    nodes = features.invariant_nodes
+    edges = features.invariant_edges
+    fc = features.atom_fc
+    centers = features.centers
+    if (
+        nodes is not None
+        and edges is not None
+        and fc is not None
+        and centers is not None
+    ):
+        return torch.cat([nodes, pool_pairs(n_atoms, edges, fc, centers)], dim=1)
+    n_owners = features.nodes.shape[0]
+    per_owner = torch.cat(
+        [
+            features.nodes,
+            pool_pairs(n_owners, features.edges, features.fc, features.edge_owners),
+        ],
+        dim=1,
+    )
+    if not features.symmetrized:
+        return per_owner
+    weighted = per_owner * features.owner_weights.unsqueeze(1)
+    return torch.zeros(
+        n_atoms, weighted.shape[1], dtype=weighted.dtype, device=weighted.device
+    ).index_add(0, features.owner_atoms, weighted)
 
 
 class TargetReadout(torch.nn.Module):

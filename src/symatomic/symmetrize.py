@@ -105,7 +105,10 @@ class GlobalECSE(torch.nn.Module):
         self.max_lambda = int(max_lambda)
         self.register_buffer("mirror", torch.diag(torch.tensor([1.0, -1.0, 1.0])))
         self.register_buffer("cube", cube_operations())
-        self.output_names: List[str] = list(capabilities.outputs.keys())
+        # "features" is metatomic's alias of "feature", not an output of its own
+        self.output_names: List[str] = [
+            name for name in capabilities.outputs.keys() if name != "features"
+        ]
 
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         """The full neighbor list of the frames (the wrapped model's own requests
@@ -343,7 +346,11 @@ def symmetrize_model(
     )
     metadata = model.metadata()
     new_capabilities = ModelCapabilities(
-        outputs=capabilities.outputs,
+        outputs={
+            name: output
+            for name, output in capabilities.outputs.items()
+            if name != "features"
+        },
         atomic_types=capabilities.atomic_types,
         interaction_range=math.inf,
         length_unit=capabilities.length_unit,

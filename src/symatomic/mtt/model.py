@@ -102,6 +102,13 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
         self._cartesian_rank = {}
         self._cartesian_bases = {}
         self._set_layouts(dataset_info)
+        # metatomic's standard feature output, invariant for exact models
+        self.outputs["feature"] = ModelOutput(
+            unit="",
+            sample_kind="atom",
+            description="the backbone's last atom features and their pooled pair "
+            "features",
+        )
 
     def _set_layouts(self, dataset_info: DatasetInfo) -> None:
         """Record the outputs and metatrain's layout of every target."""
@@ -149,7 +156,10 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
         raw = self.model(systems, outputs, selected_atoms)
         result: Dict[str, TensorMap] = {}
         for name, tensor in raw.items():
-            result[name] = self._to_layout(name, tensor)
+            if name == "feature":
+                result[name] = tensor
+            else:
+                result[name] = self._to_layout(name, tensor)
         return result
 
     def _to_layout(self, name: str, tensor: TensorMap) -> TensorMap:
