@@ -25,9 +25,10 @@ load is printed), and each variant is then trained for as many epochs as fit the
 (at least 1), with its full learning-rate schedule. The training itself can then
 run at any time and with any number of threads (``--jobs 2`` runs two at once, one
 thread each): the epoch count, not the clock, decides the result. Test RMSE of
-every target and block are printed, with the winner of each column.
+every target and block are printed, with the winner of each column. ``--epochs 10``
+also trains every variant for 10 epochs (equal epochs rather than equal time).
 
-    python benchmarks/budget_accuracy.py --budgets 5 30 [--data-sets ...]
+    python benchmarks/budget_accuracy.py --budgets 5 30 [--epochs 10] [--data-sets ...]
         [--variants ...] [--jobs 2] [--keep folder]
 """
 
@@ -203,7 +204,14 @@ def main() -> None:
     parser.add_argument("--data", default=SHARED)
     parser.add_argument("--data-sets", nargs="+", default=list(DATA_SETS))
     parser.add_argument("--variants", nargs="+", default=["pet", "pet-small", "soap"])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[5.0, 30.0])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[5.0, 30.0])
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also train every variant for these numbers of epochs (equal epochs)",
+    )
     parser.add_argument("--jobs", type=int, default=1, choices=[1, 2])
     parser.add_argument("--keep", default=None)
     parser.add_argument(
@@ -242,15 +250,26 @@ def main() -> None:
     if args.calibrate_only:
         return
 
+    # (label, data set, variant, epochs, folder)
     jobs = []
+    labels = []
     for budget in args.budgets:
+        label = f"budget {budget:g} min (2 threads)"
+        labels.append(label)
         for name in paths:
             for variant in args.variants:
                 epochs = max(1, int(budget * 60 / seconds[name][variant]))
                 folder = os.path.join(root, f"budget-{budget:g}", name, variant)
-                jobs.append((budget, name, variant, epochs, folder))
+                jobs.append((label, name, variant, epochs, folder))
+    for count in args.epochs:
+        label = f"{count} epochs each"
+        labels.append(label)
+        for name in paths:
+            for variant in args.variants:
+                folder = os.path.join(root, f"epochs-{count}", name, variant)
+                jobs.append((label, name, variant, count, folder))
 
-    results: Dict[Tuple[float, str, str], Dict] = {}
+    results: Dict[Tuple[str, str, str], Dict] = {}
 
     def finished(job) -> bool:
         return os.path.exists(os.path.join(job[4], "result.json"))
@@ -258,14 +277,14 @@ def main() -> None:
     pending = [job for job in jobs if not finished(job)]
     if args.jobs == 1:
         for job in pending:
-            budget, name, variant, epochs, folder = job
+            label, name, variant, epochs, folder = job
             run_training(options_for(name, paths[name], variant, epochs), folder, 2)
     else:
         running: List[Tuple[subprocess.Popen, tuple]] = []
         while pending or running:
             while pending and len(running) < args.jobs:
                 job = pending.pop(0)
-                budget, name, variant, epochs, folder = job
+                label, name, variant, epochs, folder = job
                 os.makedirs(folder, exist_ok=True)
                 with open(os.path.join(folder, "options.json"), "w") as file:
                     json.dump(options_for(name, paths[name], variant, epochs), file)
@@ -284,18 +303,18 @@ def main() -> None:
                     if process.returncode != 0:
                         print(f"  failed: {job[1]} {job[2]} (see {job[4]}/log.txt)")
     for job in jobs:
-        budget, name, variant, epochs, folder = job
+        label, name, variant, epochs, folder = job
         if finished(job):
             with open(os.path.join(folder, "result.json")) as file:
-                results[(budget, name, variant)] = dict(json.load(file), epochs=epochs)
+                results[(label, name, variant)] = dict(json.load(file), epochs=epochs)
 
-    for budget in args.budgets:
-        print(f"\nbudget {budget:g} min (2 threads): test RMSE (epochs in brackets)")
+    for label in labels:
+        print(f"\n{label}: test RMSE (epochs in brackets)")
         for name in paths:
             rows = {
-                v: results[(budget, name, v)]
+                v: results[(label, name, v)]
                 for v in args.variants
-                if (budget, name, v) in results
+                if (label, name, v) in results
             }
             if not rows:
                 continue

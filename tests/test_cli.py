@@ -172,6 +172,20 @@ def test_every_option_states_its_default():
 # ------------------------------------------------------------- train and files
 
 
+def test_auto_backbone_is_soap_for_a_small_tensor_set(tmp_path, data_file):
+    """``backbone: auto`` on a small training set without energies takes SOAP
+    (docs/heads.rst, "Accuracy at equal budget") and says so in the log."""
+    options = soap_options(data_file, epochs=1)
+    del options["architecture"]["model"]["backbone"]
+    del options["training_set"]["targets"]["energy"]
+    del options["training_set"]["targets"]["mtt::polarizability"]
+    path = write_options(tmp_path, options)
+    result = symatomic("train", path, "-o", tmp_path / "run", "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "backbone: auto -> soap" in log and "model: SOAP backbone" in log
+
+
 def test_train_summary_and_parity_plots(run):
     folder, _, result = run
     log = (folder / "train.log").read_text()

@@ -286,3 +286,31 @@ def test_head_options():
         check_model_hypers({"backbone": "soap", "soap": {"lmax": 3}})
     with pytest.raises(ValueError, match="ecse applies to the pet backbone"):
         check_model_hypers({"backbone": "soap", "ecse": {"mode": "local"}})
+
+
+def test_auto_backbone_follows_the_training_set():
+    """``symatomic train`` picks SOAP for small training sets without energies
+    (measured by benchmarks/budget_accuracy.py), PET otherwise or when the options
+    ask for anything of PET's."""
+    from symatomic.model_options import SMALL_TRAINING_SET, backbone_for_data
+
+    specs = _specs()
+    tensors = {"mtt::tensor": specs["mtt::tensor"]}
+    small, large = SMALL_TRAINING_SET - 1, SMALL_TRAINING_SET
+    assert backbone_for_data({}, tensors, small) == "soap"
+    assert backbone_for_data({"cutoff": 4.0, "d_head": 32}, tensors, small) == "soap"
+    assert backbone_for_data({}, tensors, large) == "pet"
+    assert backbone_for_data({}, specs, small) == "pet"
+    for pet_options in (
+        {"d_pet": 32},
+        {"num_gnn_layers": 1},
+        {"ecse": "local"},
+        {"ecse": "none"},
+        {"edge_inputs": "invariant"},
+        {"tensor_heads": "direct"},
+    ):
+        assert backbone_for_data(pet_options, tensors, small) == "pet", pet_options
+    assert backbone_for_data({"backbone": "pet"}, tensors, small) == "pet"
+    assert backbone_for_data({"backbone": "soap"}, specs, large) == "soap"
+    forces = parse_target_options("mtt::e", {"quantity": "energy", "unit": "eV"}, "x")
+    assert backbone_for_data({}, {"mtt::e": forces}, small) == "pet"

@@ -265,7 +265,6 @@ class TestOutputSOAP(TestOutputPET):
     is_equivariant_rotations = True
     is_equivariant_reflections = True
 
-
     @pytest.fixture
     def n_features(self) -> int:
         return SMALL_SOAP["d_out"] + SMALL_SOAP["d_pair"]
@@ -469,7 +468,7 @@ def test_restart_adds_heads_for_new_targets() -> None:
     model = _small_model({"mode": "none"}, {"mtt::a": vector})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.restart(_dataset_info({"mtt::a": vector, "mtt::b": vector}))
-    assert set(model.outputs) == {"mtt::a", "mtt::b"}
+    assert set(model.outputs) == {"mtt::a", "mtt::b", "feature"}
     after = model.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value)

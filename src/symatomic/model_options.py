@@ -17,6 +17,7 @@ __all__ = [
     "SOAP_DEFAULT_HYPERS",
     "check_model_hypers",
     "is_exactly_equivariant",
+    "backbone_for_data",
     "resolve_model_hypers",
     "tensor_heads_of",
 ]
@@ -157,6 +158,58 @@ def tensor_heads_of(hypers: Dict[str, Any]) -> str:
     return str(choice)
 
 
+#: options that only PET uses (the SOAP backbone shares the cutoff and the heads)
+_PET_ONLY_OPTIONS = set(PET_DEFAULT_HYPERS) - {"cutoff", "cutoff_width", "d_head"}
+
+#: below this many training structures, without an energy target, the SOAP
+#: backbone is the more accurate at a few minutes of training (``docs/heads.rst``)
+SMALL_TRAINING_SET = 200
+
+
+def backbone_for_data(
+    hypers: Dict[str, Any], targets: Dict[str, TargetSpec], n_train: int
+) -> str:
+    """What ``backbone: auto`` becomes for this training set (``symatomic train``
+    decides with the data; without data, :func:`resolve_model_hypers` takes
+    ``pet``).
+
+    Measured at equal wall-clock budgets (``benchmarks/budget_accuracy.py``, 5
+    minutes on 2 cores): PET is ahead or level on every set with an energy target
+    or with 1000 structures; on ~80 training molecules with tensor targets only
+    (QM7-X), SOAP is ahead or level (polarizability 1.2-1.8x better). So:
+    ``soap`` when there are fewer than :data:`SMALL_TRAINING_SET` training
+    structures, no target is an energy (nor has forces, stress or virial) and the
+    options ask for nothing of PET's (its sizes such as ``d_pet``, an ``ecse``
+    mode, ``edge_inputs``, direct tensor heads); ``pet`` otherwise.
+
+    :param hypers: the ``architecture.model`` options (given or checked)
+    :param targets: the targets of the training set
+    :param n_train: number of training structures
+    """
+    checked = check_model_hypers(hypers)
+    if checked["backbone"] != "auto":
+        return str(checked["backbone"])
+    # options files reach the trainer with the defaults filled in: a PET option
+    # is asked for when it differs from its default
+    defaults = check_model_hypers({})
+    asks_for_pet = (
+        any(checked.get(key) != defaults.get(key) for key in _PET_ONLY_OPTIONS)
+        or checked["ecse"]["mode"] != "auto"
+        or checked.get("tensor_heads") == "direct"
+    )
+    energy_like = any(
+        target.quantity == "energy"
+        or target.name == "energy"
+        or target.forces is not None
+        or target.stress is not None
+        or target.virial is not None
+        for target in targets.values()
+    )
+    if not asks_for_pet and not energy_like and n_train < SMALL_TRAINING_SET:
+        return "soap"
+    return "pet"
+
+
 def resolve_model_hypers(
     hypers: Dict[str, Any], targets: Dict[str, TargetSpec]
 ) -> Dict[str, Any]:
@@ -164,15 +217,14 @@ def resolve_model_hypers(
     for these targets (measured: ``benchmarks/tensor_accuracy.py``,
     ``benchmarks/pet_accuracy.py``, ``benchmarks/ecse_accuracy.py``):
 
-    - ``backbone: auto`` → ``pet`` for every kind of target: PET is the more
-      accurate energy model, and with ECSE-averaged coefficients and the scalar
-      basis it was also the most accurate exact model on 9 of the 13 tensor targets
-      of the water monomer, water dimer and QM7-X reference data, and ahead of
-      metatrain's SOAP-BPNN and PET on all 13 (the SOAP backbone, 4-13x cheaper to
-      train and ~50x cheaper to evaluate, is a little less accurate;
-      ``docs/heads.rst``);
-    - ``ecse.mode: auto`` → ``local`` with ``frame_layers: 1`` (unless given) for
-      PET, ``none`` for SOAP.
+    - ``backbone: auto`` → ``pet`` (``symatomic train`` first applies
+      :func:`backbone_for_data`, which takes ``soap`` for small training sets
+      without energies);
+    - ``edge_inputs: auto`` → ``invariant`` (PET exactly invariant without
+      frames, tensor outputs through the scalar basis) unless an ``ecse`` mode is
+      given, then ``cartesian``;
+    - ``ecse.mode: auto`` → ``none`` with invariant inputs and for SOAP; ``local``
+      with ``frame_layers: 1`` (unless given) for PET with Cartesian inputs.
 
     Either way the model is exactly O(3)-equivariant; ``backbone: pet`` with
     ``ecse: none`` is the approximately equivariant model one opts into.

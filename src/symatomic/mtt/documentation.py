@@ -150,7 +150,8 @@ class ModelHypers(TypedDict):
     """``pet``: the Point Edge Transformer; ``soap``: an exactly invariant SOAP
     power spectrum with an MLP (its tensor outputs use ``tensor_heads: basis``;
     the model is then exactly O(3)-equivariant without ECSE); ``auto``:
-    ``pet``."""
+    ``pet`` here (``symatomic train``, which sees the data first, takes ``soap``
+    for fewer than 200 training structures without energies)."""
     tensor_heads: Optional[Literal["direct", "basis"]] = None
     """How tensor (non-invariant) outputs are predicted: ``direct`` (components
     from the backbone's heads), ``basis`` (invariant coefficients times a basis

@@ -29,6 +29,7 @@ from ..data.structures import Structure
 from ..data.targets import TargetSpec
 from ..files import atomic_write
 from ..model import SymatomicModel
+from ..model_options import backbone_for_data, check_model_hypers
 from ..plots import ParityData, block_label
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
@@ -240,14 +241,30 @@ class Trainer:
         assert data is not None
         architecture = self.options["architecture"]
         torch.manual_seed(self.options["seed"])
+        model_hypers = check_model_hypers(architecture["model"])
+        finetune = self.hypers["finetune"].get("read_from")
+        pretrained = load_checkpoint(finetune) if finetune else None
+        if pretrained is not None:
+            # fine-tuning keeps the backbone of the pretrained model
+            backbone = str(pretrained["model_data"]["hypers"]["backbone"])
+        else:
+            backbone = backbone_for_data(model_hypers, data.targets, len(data.train))
+        if model_hypers["backbone"] == "auto" and pretrained is None:
+            self._log(
+                "backbone: auto -> %s (%d training structures%s; docs/heads.rst)",
+                backbone,
+                len(data.train),
+                ", no energy target" if backbone == "soap" else "",
+            )
+        if model_hypers["backbone"] == "auto":
+            model_hypers["backbone"] = backbone
         self.model = SymatomicModel(
-            architecture["model"], data.atomic_types, data.targets, data.length_unit
+            model_hypers, data.atomic_types, data.targets, data.length_unit
         )
         self.model.to(dtype=self.dtype)
         self.target_scales = self.model.fit_output_statistics(data.train)
-        finetune = self.hypers["finetune"].get("read_from")
-        if finetune:
-            self._load_pretrained(finetune)
+        if pretrained is not None:
+            self._load_pretrained(finetune, pretrained)
         self.model.to(device=self.device)
         for name, values in self.target_scales.items():
             self._log(
@@ -257,12 +274,11 @@ class Trainer:
                 data.targets[name].unit,
             )
 
-    def _load_pretrained(self, path: str) -> None:
+    def _load_pretrained(self, path: str, pretrained: Dict[str, Any]) -> None:
         """Start from the (best) weights of another checkpoint: the backbone must
         have the same hyper-parameters (ECSE settings may differ: fine-tune a PET
         trained without ECSE with ECSE in the loop); heads are taken for targets
         with the same name and blocks, the others start fresh."""
-        pretrained = load_checkpoint(path)
         data = pretrained["model_data"]
         ours = self.model.model_data()
         for key in ("atomic_types", "length_unit"):
