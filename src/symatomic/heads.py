@@ -58,6 +58,41 @@ class DirectHead(torch.nn.Module):
         edge_values = self.edge_last(self.edge_mlp(edges)) * fc.unsqueeze(1)
         return result.index_add(0, centers, edge_values)
 
+    @torch.jit.export
+    def last_layer_features(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+        pooled: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The inputs ``z_i`` of the last linear layers, ``(n_atoms, 2 d_head + 2)``:
+        ``[MLP_n(h_i), 1, Σ_j fc(r_ij) MLP_e(m_ij), Σ_j fc(r_ij)]``, so that the
+        output is ``z_i · W`` with ``W`` = :meth:`last_layer_weights` (arguments as
+        in :meth:`forward`)."""
+        node_part = self.node_mlp(nodes)
+        ones = torch.ones_like(node_part[:, :1])
+        edge_part = self.edge_mlp(edges)
+        edge_part = torch.cat([edge_part, torch.ones_like(edge_part[:, :1])], dim=1)
+        pooled = torch.zeros(
+            nodes.shape[0], edge_part.shape[1], dtype=nodes.dtype, device=nodes.device
+        ).index_add(0, centers, edge_part * fc.unsqueeze(1))
+        return torch.cat([node_part, ones, pooled], dim=1)
+
+    def last_layer_weights(self) -> torch.Tensor:
+        """``(2 d_head + 2, n_outputs)``: the weights and biases of the two last
+        layers, in the order of :meth:`last_layer_features`."""
+        return torch.cat(
+            [
+                self.node_last.weight.T,
+                self.node_last.bias.unsqueeze(0),
+                self.edge_last.weight.T,
+                self.edge_last.bias.unsqueeze(0),
+            ],
+            dim=0,
+        )
+
 
 class PooledHead(torch.nn.Module):
     """Per-atom head on the atom features and the cutoff-weighted sum of the pair
@@ -103,6 +138,30 @@ class PooledHead(torch.nn.Module):
         if pooled is None:
             pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
         return self.mlp(torch.cat([nodes, pooled], dim=1))
+
+    @torch.jit.export
+    def last_layer_features(
+        self,
+        nodes: torch.Tensor,
+        edges: torch.Tensor,
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+        pooled: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The input of the last linear layer and a column of ones,
+        ``(n_atoms, d_head + 1)``: the output is ``z_i · W`` with ``W`` =
+        :meth:`last_layer_weights` (arguments as in :meth:`forward`)."""
+        if pooled is None:
+            pooled = pool_pairs(nodes.shape[0], edges, fc, centers)
+        hidden = torch.cat([nodes, pooled], dim=1)
+        hidden = self.mlp[1](self.mlp[0](hidden))
+        hidden = self.mlp[3](self.mlp[2](hidden))
+        return torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)
+
+    def last_layer_weights(self) -> torch.Tensor:
+        """``(d_head + 1, n_outputs)``: weights and bias of the last layer."""
+        last = self.mlp[4]
+        return torch.cat([last.weight.T, last.bias.unsqueeze(0)], dim=0)
 
 
 def pool_pairs(

@@ -92,12 +92,13 @@ def load_model(path: str) -> AtomisticModel:
 
 #: outputs that are not predictions of a target, computed only when asked for
 #: (metatomic also lists ``features``, the deprecated name of ``feature``)
-AUXILIARY_OUTPUTS = ("feature", "features")
+AUXILIARY_OUTPUTS = ("feature", "features", "energy_uncertainty", "energy_ensemble")
 
 
 def default_outputs(capabilities: ModelCapabilities) -> List[str]:
     """What :func:`predict` and ``symatomic eval`` compute unless told: every output
-    of the model except :data:`AUXILIARY_OUTPUTS` (``feature``) and metatrain's
+    of the model except :data:`AUXILIARY_OUTPUTS` (``feature``, the energy's
+    uncertainty and ensemble) and metatrain's
     auxiliary ``mtt::aux::`` outputs."""
     return [
         name

@@ -48,6 +48,7 @@ from .o3 import SolidHarmonics, WignerD
 from .pet import PET
 from .readout import TargetReadout, atom_features, basis_inputs
 from .statistics import fit_output_statistics
+from .uncertainty import derived_output_names
 
 __all__ = [
     "SOAP_DEFAULT_HYPERS",
@@ -71,6 +72,9 @@ class SymatomicModel(torch.nn.Module):
     """
 
     _keys: Dict[str, Labels]
+    uncertainty_outputs: Dict[str, str]
+    ensemble_outputs: Dict[str, str]
+    last_layer_outputs: Dict[str, str]
     _components: Dict[str, List[List[Labels]]]
     _properties: Dict[str, List[Labels]]
 
@@ -146,6 +150,18 @@ class SymatomicModel(torch.nn.Module):
             }
         )
         self.target_names: List[str] = list(targets.keys())
+        #: output name → target, for the uncertainty, ensemble and last-layer
+        #: feature outputs
+        self.uncertainty_outputs = {}
+        self.ensemble_outputs = {}
+        self.last_layer_outputs = {}
+        for name, readout in self.readouts.items():
+            if not readout.has_last_layer:
+                continue
+            uncertainty, ensemble, last_layer = derived_output_names(name)
+            self.uncertainty_outputs[uncertainty] = name
+            self.ensemble_outputs[ensemble] = name
+            self.last_layer_outputs[last_layer] = name
         # harmonics of the pair directions up to the largest λ of a scalar-basis head
         self.basis_harmonics = SolidHarmonics(
             max(
@@ -211,7 +227,28 @@ class SymatomicModel(torch.nn.Module):
         :param names: targets to compute
         :return: name → ``(n_atoms, n_flat)`` in the target's unit
         """
+        atomic, _ = self.evaluate(
+            species, edge_vectors, centers, neighbors, reverse, names, []
+        )
+        return atomic
+
+    def evaluate(
+        self,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        reverse: torch.Tensor,
+        names: List[str],
+        last_layer_names: List[str],
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[torch.Tensor]]]:
+        """Per-atom contributions of the targets ``names`` (as
+        :meth:`atomic_outputs`) and the per-atom last-layer features of the
+        targets ``last_layer_names``: name → ``[z, Φ_block_0, Φ_block_1, …]`` of
+        :meth:`symatomic.readout.TargetReadout.last_layer_features`, one backbone
+        evaluation for both."""
         features = self.backbone(species, edge_vectors, centers, neighbors, reverse)
+        n_atoms = species.shape[0]
         wigner: List[torch.Tensor] = []
         improper = torch.zeros(0, dtype=torch.bool, device=species.device)
         if features.symmetrized:
@@ -223,7 +260,7 @@ class SymatomicModel(torch.nn.Module):
         # and the pooled pair features of the coefficient heads
         uses_basis = False
         for name, readout in self.readouts.items():
-            if name in names and readout.uses_basis:
+            if (name in names or name in last_layer_names) and readout.uses_basis:
                 uses_basis = True
         pair_harmonics: Optional[List[torch.Tensor]] = None
         pooled: Optional[torch.Tensor] = None
@@ -233,7 +270,8 @@ class SymatomicModel(torch.nn.Module):
             pair_harmonics = self.basis_harmonics(pair_directions(edge_vectors))
         result: Dict[str, torch.Tensor] = {}
         if "feature" in names:
-            result["feature"] = atom_features(features, species.shape[0])
+            result["feature"] = atom_features(features, n_atoms)
+        last_layer: Dict[str, List[torch.Tensor]] = {}
         for name, readout in self.readouts.items():
             if name in names:
                 result[name] = readout(
@@ -245,7 +283,12 @@ class SymatomicModel(torch.nn.Module):
                     pair_harmonics,
                     pooled,
                 )
-        return result
+            if name in last_layer_names:
+                z, per_block = readout.last_layer_features(
+                    features, n_atoms, edge_vectors, pair_harmonics, pooled
+                )
+                last_layer[name] = [z] + per_block
+        return result, last_layer
 
     def predict(
         self,
@@ -270,25 +313,77 @@ class SymatomicModel(torch.nn.Module):
         result: Dict[str, List[torch.Tensor]] = {}
         for name, readout in self.readouts.items():
             if name in atomic:
-                values = atomic[name]
-                if readout.per_atom:
-                    blocks = readout.split_blocks(values)
-                    selected: List[torch.Tensor] = []
-                    for block, atom_type in zip(blocks, readout.block_atom_types):
-                        if atom_type >= 0:
-                            mask = species == int(self.type_to_index[atom_type])
-                            block = block[mask]
-                        selected.append(block)
-                    result[name] = selected
-                else:
-                    summed = torch.zeros(
-                        n_systems,
-                        values.shape[1],
-                        dtype=values.dtype,
-                        device=values.device,
-                    ).index_add(0, system_index, values)
-                    result[name] = readout.split_blocks(summed)
+                result[name] = self._samples_of_blocks(
+                    readout,
+                    readout.split_blocks(atomic[name]),
+                    species,
+                    system_index,
+                    n_systems,
+                )
         return result
+
+    def predict_last_layer(
+        self,
+        species: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        reverse: torch.Tensor,
+        system_index: torch.Tensor,
+        n_systems: int,
+        names: List[str],
+    ) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]]]:
+        """Predictions (as :meth:`predict`) and, in the same layout, the
+        last-layer features ``Φ`` of every block, ``(n_samples, 2λ+1, n_last)``
+        (sums over a structure's atoms for per-structure targets); only targets
+        whose read-out has last-layer features."""
+        with_last_layer = [name for name in names if self.readouts[name].has_last_layer]
+        atomic, last_layer = self.evaluate(
+            species, edge_vectors, centers, neighbors, reverse, names, with_last_layer
+        )
+        predictions: Dict[str, List[torch.Tensor]] = {}
+        features: Dict[str, List[torch.Tensor]] = {}
+        for name in names:
+            readout = self.readouts[name]
+            predictions[name] = self._samples_of_blocks(
+                readout,
+                readout.split_blocks(atomic[name]),
+                species,
+                system_index,
+                n_systems,
+            )
+            if name in last_layer:
+                features[name] = self._samples_of_blocks(
+                    readout, last_layer[name][1:], species, system_index, n_systems
+                )
+        return predictions, features
+
+    def _samples_of_blocks(
+        self,
+        readout: TargetReadout,
+        blocks: List[torch.Tensor],
+        species: torch.Tensor,
+        system_index: torch.Tensor,
+        n_systems: int,
+    ) -> List[torch.Tensor]:
+        """Per-atom blocks ``(n_atoms, c, q)`` → the target's samples: the atoms
+        of each block's type for per-atom targets, sums per structure else."""
+        selected: List[torch.Tensor] = []
+        for block, atom_type in zip(blocks, readout.block_atom_types):
+            if readout.per_atom:
+                if atom_type >= 0:
+                    mask = species == int(self.type_to_index[atom_type])
+                    block = block[mask]
+                selected.append(block)
+            else:
+                selected.append(
+                    torch.zeros(
+                        [n_systems] + list(block.shape[1:]),
+                        dtype=block.dtype,
+                        device=block.device,
+                    ).index_add(0, system_index, block)
+                )
+        return selected
 
     # ------------------------------------------------------------- metatomic API
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
@@ -306,13 +401,25 @@ class SymatomicModel(torch.nn.Module):
         Outputs are computed for every requested target; ``sample_kind="system"`` sums
         per-atom contributions over the (selected) atoms of each system.
         """
+        fitted = self.uncertainties_fitted()
+        targets_needed: List[str] = []
+        last_layer_needed: List[str] = []
         for name in outputs.keys():
-            if name not in self.target_names and name != "feature":
+            if name in self.target_names or name == "feature":
+                targets_needed.append(name)
+            elif name in self.last_layer_outputs:
+                last_layer_needed.append(self.last_layer_outputs[name])
+            elif fitted and name in self.uncertainty_outputs:
+                last_layer_needed.append(self.uncertainty_outputs[name])
+            elif fitted and name in self.ensemble_outputs:
+                last_layer_needed.append(self.ensemble_outputs[name])
+                targets_needed.append(self.ensemble_outputs[name])
+            else:
                 raise ValueError(
                     "this model can not compute '"
                     + name
                     + "'; it computes "
-                    + str(self.target_names + ["feature"])
+                    + str(self.output_names())
                 )
         if len(systems) == 0:
             raise ValueError("no systems given")
@@ -367,9 +474,14 @@ class SymatomicModel(torch.nn.Module):
         all_vectors = all_vectors[order]
         reverse = reverse_pair_index(all_centers, all_neighbors, all_shifts, n_total)
 
-        names: List[str] = list(outputs.keys())
-        atomic = self.atomic_outputs(
-            species, all_vectors, all_centers, all_neighbors, reverse, names
+        atomic, last_layer = self.evaluate(
+            species,
+            all_vectors,
+            all_centers,
+            all_neighbors,
+            reverse,
+            targets_needed,
+            last_layer_needed,
         )
 
         # first atom of every system, and index of every atom in its system
@@ -393,7 +505,7 @@ class SymatomicModel(torch.nn.Module):
 
         result: Dict[str, TensorMap] = {}
         for name, readout in self.readouts.items():
-            if name in atomic:
+            if name in outputs:
                 values = atomic[name]
                 per_atom_request = outputs[name].sample_kind == "atom"
                 blocks: List[TensorBlock] = []
@@ -450,7 +562,164 @@ class SymatomicModel(torch.nn.Module):
                 Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device)),
                 [feature_block],
             )
+        for name in outputs.keys():
+            if (
+                name in self.uncertainty_outputs
+                or name in self.ensemble_outputs
+                or name in self.last_layer_outputs
+            ):
+                result[name] = self._derived_output(
+                    name,
+                    outputs[name].sample_kind == "atom",
+                    atomic,
+                    last_layer,
+                    selected,
+                    all_types,
+                    all_system_index,
+                    atom_in_system,
+                    len(systems),
+                )
         return result
+
+    def _derived_output(
+        self,
+        name: str,
+        per_atom: bool,
+        atomic: Dict[str, torch.Tensor],
+        last_layer: Dict[str, List[torch.Tensor]],
+        selected: torch.Tensor,
+        types: torch.Tensor,
+        system_index: torch.Tensor,
+        atom_in_system: torch.Tensor,
+        n_systems: int,
+    ) -> TensorMap:
+        """The uncertainty, ensemble or last-layer features output ``name``."""
+        device = selected.device
+        if name in self.last_layer_outputs:
+            z = last_layer[self.last_layer_outputs[name]][0]
+            values, samples = _per_atom_or_summed(
+                z.unsqueeze(1),
+                selected,
+                per_atom,
+                system_index,
+                atom_in_system,
+                n_systems,
+            )
+            width = values.shape[2]
+            block = TensorBlock(
+                values=values.reshape(-1, width),
+                samples=samples,
+                components=[],
+                properties=Labels(
+                    ["feature"],
+                    torch.arange(width, dtype=torch.int32, device=device).reshape(
+                        -1, 1
+                    ),
+                ),
+            )
+            return TensorMap(
+                Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device)),
+                [block],
+            )
+        is_ensemble = name in self.ensemble_outputs
+        target = self.ensemble_outputs[name] if is_ensemble else ""
+        if not is_ensemble:
+            target = self.uncertainty_outputs[name]
+        blocks: List[TensorBlock] = []
+        for target_name, readout in self.readouts.items():
+            if target_name == target:
+                phi_blocks = last_layer[target][1:]
+                predictions: List[torch.Tensor] = []
+                if is_ensemble:
+                    predictions = readout.split_blocks(atomic[target])
+                for block_index, uncertainty in enumerate(readout.uncertainty):
+                    atom_type = readout.block_atom_types[block_index]
+                    mask = selected
+                    if atom_type >= 0:
+                        mask = mask & (types.to(torch.long) == atom_type)
+                    phi, samples = _per_atom_or_summed(
+                        phi_blocks[block_index],
+                        mask,
+                        per_atom,
+                        system_index,
+                        atom_in_system,
+                        n_systems,
+                    )
+                    properties = self._properties[target][block_index].to(device)
+                    if not is_ensemble:
+                        blocks.append(
+                            TensorBlock(
+                                values=uncertainty(phi),
+                                samples=samples,
+                                components=[],
+                                properties=properties,
+                            )
+                        )
+                    else:
+                        prediction, _ = _per_atom_or_summed(
+                            predictions[block_index],
+                            mask,
+                            per_atom,
+                            system_index,
+                            atom_in_system,
+                            n_systems,
+                        )
+                        members = uncertainty.ensemble(phi, prediction)
+                        n_members = members.shape[2]
+                        member_index = torch.arange(
+                            n_members, dtype=torch.int32, device=device
+                        ).repeat_interleave(properties.values.shape[0])
+                        if name == "energy_ensemble":
+                            member_properties = Labels(
+                                ["energy"], member_index.reshape(-1, 1)
+                            )
+                        else:
+                            member_properties = Labels(
+                                ["ensemble_member"] + properties.names,
+                                torch.cat(
+                                    [
+                                        member_index.reshape(-1, 1),
+                                        properties.values.repeat(n_members, 1),
+                                    ],
+                                    dim=1,
+                                ),
+                            )
+                        components = [
+                            c.to(device) for c in self._components[target][block_index]
+                        ]
+                        values = members.reshape(members.shape[0], members.shape[1], -1)
+                        if readout.is_scalar:
+                            values = values.reshape(values.shape[0], -1)
+                        blocks.append(
+                            TensorBlock(
+                                values=values,
+                                samples=samples,
+                                components=components,
+                                properties=member_properties,
+                            )
+                        )
+        return TensorMap(self._keys[target].to(device), blocks)
+
+    @torch.jit.export
+    def uncertainties_fitted(self) -> bool:
+        """Whether every uncertainty block is calibrated (at least one exists)."""
+        fitted = len(self.uncertainty_outputs) > 0
+        for readout in self.readouts.values():
+            for block in readout.uncertainty:
+                if not block.is_fitted():
+                    fitted = False
+        return fitted
+
+    @torch.jit.export
+    def output_names(self) -> List[str]:
+        """Every output this model computes (uncertainties and ensembles once
+        calibrated)."""
+        names = self.target_names + ["feature"]
+        names = names + list(self.last_layer_outputs.keys())
+        if self.uncertainties_fitted():
+            names = names + list(self.uncertainty_outputs.keys())
+            names = names + list(self.ensemble_outputs.keys())
+        return names
 
     # --------------------------------------------------------------- statistics
     def fit_output_statistics(
@@ -478,6 +747,31 @@ class SymatomicModel(torch.nn.Module):
             + " per atom; per structure: their sum), exactly invariant when the "
             "model is exact",
         )
+        fitted = self.uncertainties_fitted()
+        for output, target in self.last_layer_outputs.items():
+            outputs[output] = ModelOutput(
+                unit="",
+                sample_kind="atom",
+                description="invariant last-layer features of '" + target + "'",
+            )
+        if fitted:
+            for output, target in self.uncertainty_outputs.items():
+                outputs[output] = ModelOutput(
+                    unit=self.target_specs[target].unit,
+                    sample_kind="atom",
+                    description="calibrated last-layer uncertainty of '"
+                    + target
+                    + "': per sample and property, the root-mean-square standard "
+                    "deviation of a block's components (exactly invariant)",
+                )
+            for output, target in self.ensemble_outputs.items():
+                outputs[output] = ModelOutput(
+                    unit=self.target_specs[target].unit,
+                    sample_kind="atom",
+                    description="last-layer ensemble of '"
+                    + target
+                    + "' (members equivariant like the target)",
+                )
         dtype = next(self.parameters()).dtype
         return ModelCapabilities(
             outputs=outputs,

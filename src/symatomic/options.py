@@ -42,6 +42,8 @@ TRAINING_DEFAULT_HYPERS: Dict[str, Any] = {
     "log_interval": 1,
     "validation_interval": 1,
     "finetune": {},
+    "uncertainty": True,
+    "num_ensemble_members": 16,
 }
 
 _TRAINING_TYPES = {
@@ -61,6 +63,8 @@ _TRAINING_TYPES = {
     "log_interval": int,
     "validation_interval": int,
     "finetune": dict,
+    "uncertainty": bool,
+    "num_ensemble_members": int,
     "loss": (str, dict),
 }
 
@@ -271,6 +275,10 @@ def check_training_hypers(
     ):
         if result[name] < 1:
             raise ValueError(f"{where}.{name} must be positive")
+    if result["num_ensemble_members"] < 0:
+        raise ValueError(
+            f"{where}.num_ensemble_members must not be negative (0: no ensembles)"
+        )
     if result["learning_rate"] <= 0:
         raise ValueError(f"{where}.learning_rate must be positive")
     if result["scheduler"] not in ("cosine", "constant"):

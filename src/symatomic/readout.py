@@ -10,6 +10,7 @@ from .data.targets import TargetSpec
 from .heads import DirectHead, PooledHead, pool_pairs
 from .model_options import tensor_heads_of
 from .pet import PETFeatures
+from .uncertainty import BlockUncertainty
 
 __all__ = ["TargetReadout", "atom_features", "basis_inputs"]
 
@@ -138,6 +139,31 @@ class TargetReadout(torch.nn.Module):
             self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_flat)
         self.register_buffer("scale", torch.ones(n_flat))
         self.register_buffer("baseline", torch.zeros(n_species, n_flat))
+        #: whether the outputs are linear in last-layer weights whose features
+        #: :meth:`last_layer_features` gives (invariant targets, scalar-basis heads)
+        self.has_last_layer: bool = self.invariant or self.uses_basis
+        d_last = int(hypers["d_head"]) + 1
+        if not self.uses_basis:
+            d_last = 2 * int(hypers["d_head"]) + 2
+        #: size of the invariant last-layer features ``z`` of the head
+        self.last_layer_size: int = d_last
+        #: size of the last-layer features ``Φ`` of each block
+        self.block_last_layer_sizes: List[int] = (
+            [h.n_basis * d_last for h in basis_heads]
+            if self.uses_basis
+            else [d_last for _ in spec.blocks]
+        )
+        #: calibrated last-layer uncertainty of every block (symatomic.uncertainty)
+        self.uncertainty = torch.nn.ModuleList(
+            [
+                BlockUncertainty(n_last, n_properties)
+                for n_last, n_properties in zip(
+                    self.block_last_layer_sizes, self.block_properties
+                )
+            ]
+            if self.has_last_layer
+            else []
+        )
 
     def forward(
         self,
@@ -228,6 +254,81 @@ class TargetReadout(torch.nn.Module):
             blocks.append(block.reshape(block.shape[0], -1))
         raw = torch.cat(blocks, dim=1)
         return raw * self.scale + self.baseline.index_select(0, species)
+
+    @torch.jit.export
+    def last_layer_features(
+        self,
+        features: PETFeatures,
+        n_atoms: int,
+        edge_vectors: torch.Tensor,
+        pair_harmonics: Optional[List[torch.Tensor]] = None,
+        pooled: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The last-layer features of this target, in which its output is linear.
+
+        :return: ``z``, ``(n_atoms, last_layer_size)``, the invariant inputs of
+            the head's last layer (with a column of ones for its bias), and per
+            block ``Φ``, ``(n_atoms, 2λ+1, block_last_layer_size)``, such that the
+            block is ``(Φ · w_p) · scale_p + baseline`` for property ``p`` with
+            ``w_p`` the last-layer weights of :meth:`block_last_layer_weights`.
+            Invariant targets: ``Φ = z`` for every block. Scalar-basis heads:
+            ``Φ_{i,μ,(b,k)} = B_{i,μ,b} z_{i,k}``, which rotates like the block.
+            Arguments as in :meth:`forward`; ``n_atoms`` is the number of atoms.
+        """
+        if self.uses_basis:
+            nodes, edges, fc, centers = basis_inputs(features)
+            z = self.head.last_layer_features(nodes, edges, fc, centers, pooled)
+            per_block: List[torch.Tensor] = []
+            for head in self.basis_heads:
+                basis = head.compute_basis(
+                    edges, edge_vectors, fc, centers, n_atoms, pair_harmonics
+                )
+                phi = basis.unsqueeze(3) * z.unsqueeze(1).unsqueeze(2)
+                per_block.append(phi.reshape(n_atoms, basis.shape[1], -1))
+            return z, per_block
+        if not self.invariant:
+            raise RuntimeError(
+                "covariant targets predicted by direct heads have no last-layer "
+                "features (use tensor_heads: basis)"
+            )
+        atom_nodes = features.atom_nodes
+        atom_edges = features.atom_edges
+        atom_fc = features.atom_fc
+        centers = features.centers
+        if (
+            atom_nodes is not None
+            and atom_edges is not None
+            and atom_fc is not None
+            and centers is not None
+        ):
+            z = self.head.last_layer_features(atom_nodes, atom_edges, atom_fc, centers)
+        else:
+            z = self.head.last_layer_features(
+                features.nodes, features.edges, features.fc, features.edge_owners
+            )
+            if features.symmetrized:
+                weighted = z * features.owner_weights.unsqueeze(1)
+                z = torch.zeros(
+                    n_atoms, z.shape[1], dtype=z.dtype, device=z.device
+                ).index_add(0, features.owner_atoms, weighted)
+        return z, [z.unsqueeze(1) for _ in self.block_sizes]
+
+    def block_last_layer_weights(self) -> List[torch.Tensor]:
+        """Per block, ``(block_last_layer_size, n_properties)``: the last-layer
+        weights ``w_p`` of :meth:`last_layer_features` (not scripted)."""
+        weights = self.head.last_layer_weights()
+        result: List[torch.Tensor] = []
+        if self.uses_basis:
+            offset = 0
+            for head in self.basis_heads:
+                block = weights[:, offset : offset + head.n_coefficients]
+                block = block.reshape(-1, head.n_basis, head.n_properties)
+                result.append(block.transpose(0, 1).reshape(-1, head.n_properties))
+                offset += head.n_coefficients
+            return result
+        for columns in weights.split(self.block_sizes, dim=1):
+            result.append(columns)
+        return result
 
     def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:
         """``(n, n_flat)`` → one ``(n, 2λ+1, p)`` tensor per block."""

@@ -31,6 +31,7 @@ from ..files import atomic_write
 from ..model import SymatomicModel
 from ..model_options import backbone_for_data, check_model_hypers
 from ..plots import ParityData, block_label
+from .calibration import fit_uncertainties
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
@@ -654,6 +655,12 @@ class Trainer:
         self.stage = "finishing"
         model.load_state_dict(best_state)
         model.eval()
+        if self.hypers["uncertainty"]:
+            best_state = self._fit_uncertainties(data, specs, batch_size)
+            if checkpoint_data is not None:
+                checkpoint_data = dict(
+                    checkpoint_data, best_model_state_dict=best_state
+                )
         # a single process gathers the values of the parity plots on the way
         gather = self.parity_plots and self.context.is_main and not self.context.enabled
         parity = {"validation": ParityData(), "test": ParityData()}
@@ -772,12 +779,48 @@ class Trainer:
                 )
         return written
 
+    def _fit_uncertainties(
+        self, data: DataSets, specs: Dict[str, TargetSpec], batch_size: int
+    ) -> Dict[str, torch.Tensor]:
+        """Calibrated last-layer uncertainties of the best model (every process
+        fits the same ones); returns its new state."""
+        start = time.time()
+        report = fit_uncertainties(
+            self.model,
+            data.train,
+            data.validation,
+            specs,
+            batch_size,
+            n_members=self.hypers["num_ensemble_members"],
+            seed=self.options["seed"],
+        )
+        if report:
+            self._log(
+                "uncertainties calibrated on the %s set for %d block(s) in %.1f s "
+                "(docs/uncertainty.rst)",
+                "validation" if data.validation else "training",
+                len(report),
+                time.time() - start,
+            )
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
     def _finish(self, checkpoint_data: Dict[str, Any]) -> Optional[str]:
         """After training (main process only): make sure ``model.ckpt`` exists and
         export the (best) model to ``model.pt``; returns the exported file."""
         best_path = os.path.join(self.output_dir, "model.ckpt")
         if not os.path.exists(best_path):
             save_checkpoint(checkpoint_data, best_path)
+        elif self.hypers["uncertainty"]:
+            # the best weights with their calibrated uncertainties, so that
+            # 'symatomic export' of either checkpoint has them (atomic rewrites)
+            best_state = checkpoint_data["best_model_state_dict"]
+            for path in (best_path, os.path.join(self.output_dir, "last.ckpt")):
+                if os.path.exists(path):
+                    saved = load_checkpoint(path)
+                    if saved.get("epoch") == saved.get("best_epoch"):
+                        saved["model_state_dict"] = best_state
+                    saved["best_model_state_dict"] = best_state
+                    save_checkpoint(saved, path)
         exported = os.path.join(self.output_dir, "model.pt")
         export_model(copy.deepcopy(self.model).to("cpu"), exported)
         return exported
