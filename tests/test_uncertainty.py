@@ -340,3 +340,29 @@ def test_forces_of_the_energy_ensemble_are_minus_its_gradient():
     numerical = -(plus - minus).detach() / (2 * step)
     assert relative_error(forces[:, atom, axis], numerical) < 1e-6
     assert float(forces.std(dim=0).max()) > 0
+
+
+def test_ase_md_example_records_the_largest_atomic_uncertainty(tmp_path):
+    import os
+    import sys
+
+    from symatomic.train.trainer import export_model
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "examples", "ase"))
+    try:
+        import md_dipole
+    finally:
+        sys.path.pop(0)
+    path = str(tmp_path / "model.pt")
+    export_model(_randomly_fitted("default"), path)
+    output = tmp_path / "md"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random model is far above 0.1 eV
+        md_dipole.main([path, "--steps", "3", "--output-dir", str(output)])
+    with open(output / "dipole.csv") as file:
+        header = file.readline().strip().split(",")
+    assert header[-1] == "max_energy_uncertainty_eV"
+    rows = np.loadtxt(output / "dipole.csv", delimiter=",", skiprows=1)
+    assert rows.shape == (4, 10)
+    assert np.all(rows[:, 9] > 0)

@@ -14,7 +14,9 @@ Train and export the bundled example first (``symatomic train --example``), then
 Outputs (in ``--output-dir``, default ``md-dipole``):
 
 - ``dipole.csv``: step, time (fs), potential/kinetic/total energy (eV), temperature
-  (K), μx, μy, μz (in the model's dipole unit, e·Bohr for the example);
+  (K), μx, μy, μz (in the model's dipole unit, e·Bohr for the example) and, for
+  models with calibrated uncertainties, the largest atomic energy uncertainty (eV;
+  the calculator warns when it passes ``--uncertainty-threshold``, 0.1 eV);
 - ``ir_spectrum.csv``: wavenumber (cm⁻¹) and intensity (arbitrary units);
 - ``trajectory.xyz``: positions every ``--trajectory-every`` steps.
 """
@@ -39,6 +41,7 @@ from symatomic.cli import example_options_path
 from symatomic.o3 import CartesianDecomposition
 
 SPEED_OF_LIGHT_CM_PER_FS = 2.99792458e-5
+UNCERTAINTY = "energy_uncertainty"
 
 
 def default_structure() -> ase.Atoms:
@@ -110,6 +113,7 @@ def run(
     dipole: Optional[str] = None,
     trajectory_every: int = 10,
     seed: int = 0,
+    uncertainty_threshold: float = 0.1,
 ) -> List[List[float]]:
     """Run the dynamics and write the files; return the rows of ``dipole.csv``."""
     if steps < 2:
@@ -120,9 +124,16 @@ def run(
     os.makedirs(output_dir, exist_ok=True)
 
     atoms = atoms.copy()
+    additional = {name: ModelOutput(sample_kind="system")}
+    # calibrated models (symatomic train) declare per-atom energy uncertainties: the
+    # calculator warns above its threshold, and the largest is recorded here
+    with_uncertainty = UNCERTAINTY in load_atomistic_model(model).capabilities().outputs
+    if with_uncertainty:
+        additional[UNCERTAINTY] = ModelOutput(sample_kind="atom")
     atoms.calc = MetatomicCalculator(
         model,
-        additional_outputs={name: ModelOutput(sample_kind="system")},
+        additional_outputs=additional,
+        uncertainty_threshold=uncertainty_threshold,
     )
     thermalize_momenta(atoms, temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
@@ -156,6 +167,9 @@ def run(
                 *mu.tolist(),
             ]
         )
+        if with_uncertainty:
+            values = atoms.calc.additional_outputs[UNCERTAINTY].block().values
+            rows[-1].append(float(values.detach().max()))
         if step % trajectory_every == 0:
             frames.append(atoms.copy())
 
@@ -164,6 +178,8 @@ def run(
 
     header = ["step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "T_K"]
     header += ["mu_x", "mu_y", "mu_z"]
+    if with_uncertainty:
+        header.append("max_energy_uncertainty_eV")
     _write_csv(os.path.join(output_dir, "dipole.csv"), header, rows)
     wavenumbers, intensity = ir_spectrum(np.array(rows)[:, 6:9], timestep_fs)
     _write_csv(
@@ -202,6 +218,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--output-dir", default="md-dipole")
     parser.add_argument("--trajectory-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--uncertainty-threshold",
+        type=float,
+        default=0.1,
+        help="warn when an atomic energy uncertainty is above this (eV; 0.1)",
+    )
     args = parser.parse_args(argv)
 
     if not os.path.exists(args.model):
@@ -218,6 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         dipole=args.dipole,
         trajectory_every=args.trajectory_every,
         seed=args.seed,
+        uncertainty_threshold=args.uncertainty_threshold,
     )
     total = np.array([row[4] for row in rows])
     print(

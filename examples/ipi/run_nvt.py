@@ -11,7 +11,7 @@ waits for both under a time limit, removes the socket and prints where the outpu
 are. Usage::
 
     python run_nvt.py [model.pt] [--steps 2000] [--output-dir ipi-nvt]
-        [--timeout 3600]
+        [--timeout 3600] [--ensemble]
 
 ``symatomic train --example -o run`` writes an exported model to ``run/model.pt``.
 """
@@ -26,19 +26,30 @@ import time
 import xml.etree.ElementTree as ElementTree
 from typing import List, Optional
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: name of the socket in input.xml's <ffsocket>
 ADDRESS = "symatomic"
 
 
-def prepare_input(output_dir: str, steps: Optional[int]) -> str:
+def prepare_input(output_dir: str, steps: Optional[int], ensemble: bool = False) -> str:
     """Copy ``input.xml`` and ``init.xyz`` to ``output_dir``, optionally with another
-    number of steps; return the path of the copied input."""
+    number of steps and an output of the energy ensemble (``simulation.committee``:
+    the ``committee_pot`` extras of the metatomic PES, in Hartree); return the path
+    of the copied input."""
     os.makedirs(output_dir, exist_ok=True)
     shutil.copy(os.path.join(HERE, "init.xyz"), os.path.join(output_dir, "init.xyz"))
     tree = ElementTree.parse(os.path.join(HERE, "input.xml"))
     if steps is not None:
         tree.getroot().find("total_steps").text = str(steps)
+    if ensemble:
+        committee = ElementTree.SubElement(
+            tree.getroot().find("output"),
+            "trajectory",
+            {"filename": "committee", "stride": "1", "extra_type": "committee_pot"},
+        )
+        committee.text = " extras "
     path = os.path.join(output_dir, "input.xml")
     tree.write(path)
     return path
@@ -67,10 +78,16 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def run(
-    model: str, output_dir: str, steps: Optional[int] = None, timeout: float = 3600.0
+    model: str,
+    output_dir: str,
+    steps: Optional[int] = None,
+    timeout: float = 3600.0,
+    ensemble: bool = False,
 ) -> int:
     """Run i-PI and its metatomic driver until the simulation ends; return 0 when
-    both processes finished cleanly."""
+    both processes finished cleanly. ``ensemble``: the PES also evaluates the
+    model's energy ensemble, and the spread of its members along the trajectory is
+    printed at the end."""
     model = os.path.abspath(model)
     if not os.path.exists(model):
         raise SystemExit(
@@ -78,7 +95,7 @@ def run(
             "writes run/model.pt)"
         )
     output_dir = os.path.abspath(output_dir)
-    input_path = prepare_input(output_dir, steps)
+    input_path = prepare_input(output_dir, steps, ensemble)
     template = os.path.join(output_dir, "init.xyz")
     if "," in model or "," in template:
         raise SystemExit("error: i-PI's driver options cannot hold paths with commas")
@@ -97,6 +114,8 @@ def run(
         *("-u", "-a", ADDRESS, "-S", prefix),
         *("-m", "metatomic", "-o", f"template={template},model={model}"),
     ]
+    if ensemble:
+        client_cmd[-1] += ",energy_ensemble=true"
     deadline = time.monotonic() + timeout
     server_log = open(os.path.join(output_dir, "i-pi.log"), "w")
     client_log = open(os.path.join(output_dir, "driver.log"), "w")
@@ -140,9 +159,45 @@ def run(
     if status == 0:
         print(f"properties:  {os.path.join(output_dir, 'simulation.out')}")
         print(f"trajectory:  {os.path.join(output_dir, 'simulation.pos_0.xyz')}")
+        if ensemble:
+            members = ensemble_members(output_dir)
+            spread = members.std(axis=1)
+            print(
+                f"ensemble:    {members.shape[1]} members; spread (standard "
+                f"deviation) of the energy along {members.shape[0]} steps: median "
+                f"{1e3 * float(np.median(spread)):.3f} meV, max "
+                f"{1e3 * float(spread.max()):.3f} meV"
+            )
     else:
         print("the run failed; see the logs above", file=sys.stderr)
     return status
+
+
+def ensemble_members(output_dir: str) -> "np.ndarray":
+    """The energies of the ensemble members, ``(n_steps, n_members)`` in eV, read
+    from the ``committee`` extras that i-PI wrote (one block of member energies, in
+    Hartree, per step)."""
+    paths = [
+        os.path.join(output_dir, name)
+        for name in sorted(os.listdir(output_dir))
+        if name.startswith("simulation.committee")
+    ]
+    if not paths:
+        raise RuntimeError("i-PI wrote no committee extras (simulation.committee*)")
+    steps: List[List[float]] = []
+    with open(paths[0]) as file:
+        for line in file:
+            line = line.strip().strip("[]")
+            if not line:
+                continue
+            if line.startswith("#"):
+                steps.append([])
+                continue
+            if not steps:
+                steps.append([])
+            steps[-1].extend(float(v) for v in line.replace(",", " ").split())
+    hartree = 27.211386245988  # eV, CODATA 2018 (i-PI's factor to 8 digits)
+    return np.array([s for s in steps if s]) * hartree
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -153,8 +208,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=3600.0, help="limit in seconds for the run"
     )
+    parser.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="also evaluate the energy ensemble (models with calibrated "
+        "uncertainties) and print its spread",
+    )
     args = parser.parse_args(argv)
-    return run(args.model, args.output_dir, args.steps, args.timeout)
+    return run(args.model, args.output_dir, args.steps, args.timeout, args.ensemble)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,12 @@ class TrainerHypers(TypedDict):
     validation_interval: int = TRAINING_DEFAULT_HYPERS["validation_interval"]
     """Evaluates the validation set every this many epochs; only these epochs
     can become the best epoch (lowest validation loss)."""
+    uncertainty: bool = TRAINING_DEFAULT_HYPERS["uncertainty"]
+    """Fit the calibrated last-layer uncertainties after training (symatomic's
+    docs, uncertainty.rst); models exported through metatrain do not declare them
+    yet (metatrain's ``llpr`` architecture wraps them instead)."""
+    num_ensemble_members: int = TRAINING_DEFAULT_HYPERS["num_ensemble_members"]
+    """Members of the last-layer ensembles; 0: none."""
     finetune: FinetuneHypers = {"read_from": None}
     """Fine-tuning from a checkpoint (full fine-tuning only)."""
     loss: Union[str, dict[str, Union[str, dict]]] = "mse"

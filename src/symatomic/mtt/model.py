@@ -57,7 +57,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
     #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
     #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
-    __checkpoint_version__ = 4
+    __checkpoint_version__ = 5
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -336,6 +336,11 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             model_data["model_hypers"] = hypers
             checkpoint["model_data"] = model_data
             checkpoint["model_ckpt_version"] = version = 4
+        if version == 4:
+            # version 5 added the (calibrated) last-layer uncertainties of every
+            # read-out: older models load them unfitted (BlockUncertainty's hook)
+            checkpoint = dict(checkpoint)
+            checkpoint["model_ckpt_version"] = version = 5
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

@@ -10,7 +10,7 @@
 3. For every ``ς`` of a logarithmic grid, ``α_p² = mean(e²_p / v)`` (the maximum of
    the Gaussian likelihood); the ``ς`` of the smallest negative log-likelihood wins.
 4. ``Σ = U diag(1 / (λ + ς)) Uᵀ`` and ``α_p`` go into the model; ensemble members
-   ``α_p ξ``, ``ξ = U diag((λ + ς)^(-1/2)) g``, ``g ~ N(0, I)``.
+   ``α_p ξ``, ``ξ = Σ^(1/2) g`` (symmetric square root), ``g ~ N(0, I)``.
 """
 
 import logging
@@ -168,11 +168,13 @@ def fit_uncertainties(
                 dtype=torch.float64,
                 generator=generator,
             )
-            xi = torch.einsum(
-                "lj,jmp->lmp",
-                eigenvectors / torch.sqrt(eigenvalues + regulariser),
-                draws,
+            # the symmetric square root of Σ: unlike U diag((λ + ς)^(-1/2)), it
+            # does not depend on the signs or the basis eigh picks in degenerate
+            # subspaces, so equal models get equal ensembles
+            root = (eigenvectors / torch.sqrt(eigenvalues + regulariser)) @ (
+                eigenvectors.T
             )
+            xi = torch.einsum("lj,jmp->lmp", root, draws)
             uncertainty.ensemble_weights = (xi * alpha).to(
                 uncertainty.inverse_covariance
             )
