@@ -248,7 +248,7 @@ def cost(repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-sets", nargs="+", default=list(DATA_SETS))
+    parser.add_argument("--data-sets", nargs="*", default=list(DATA_SETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--data", default=SHARED)

@@ -277,3 +277,54 @@ def test_socket_example(model_path, tmp_path):
     reference = symatomic.io.predict(model_path, atoms, outputs=["energy"])
     expected = reference["energy"].block().values.item()
     assert abs(data[0, 5] - expected) <= 1e-7 * abs(expected)
+
+
+def test_socket_example_prints_the_spread_of_the_energy_ensemble(tmp_path):
+    """examples/ipi/run_nvt.py --ensemble: the metatomic PES evaluates the model's
+    last-layer energy ensemble (symatomic.uncertainty), i-PI writes the members
+    (committee_pot extras) and the script prints their spread."""
+    bin_dir = os.path.dirname(sys.executable)
+    for command in ("i-pi", "i-pi-py_driver"):
+        if not (
+            os.path.exists(os.path.join(bin_dir, command)) or shutil.which(command)
+        ):
+            pytest.skip(f"i-PI's '{command}' command is not installed")
+    torch.manual_seed(3)
+    specs = {"energy": parse_target_options("energy", {"unit": "eV"}, "x")}
+    model = SymatomicModel(dict(TINY_MODEL), [1, 8], specs).to(torch.float64).eval()
+    model.readouts["energy"].scale.mul_(0.3)
+    block = model.readouts["energy"].uncertainty[0]
+    size = block.n_features
+    block.inverse_covariance = torch.eye(size, dtype=torch.float64) * 1e-4
+    block.calibration = torch.ones(1, dtype=torch.float64)
+    block.ensemble_weights = 1e-3 * torch.randn(size, 5, 1, dtype=torch.float64)
+    path = str(tmp_path / "model.pt")
+    export_model(model, path)
+    output = tmp_path / "nvt"
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLE, "run_nvt.py"),
+            path,
+            *("--steps", "3", "--output-dir", str(output), "--ensemble"),
+            *("--timeout", str(TIME_LIMIT)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIME_LIMIT + 60,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    logs = ""
+    for name in ("i-pi.log", "driver.log"):
+        if (output / name).exists():
+            logs += f"\n--- {name}\n" + (output / name).read_text()[-3000:]
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert "ensemble:    5 members" in result.stdout, result.stdout + logs
+    sys.path.insert(0, EXAMPLE)
+    try:
+        import run_nvt
+    finally:
+        sys.path.pop(0)
+    members = run_nvt.ensemble_members(str(output))
+    assert members.shape[1] == 5 and members.shape[0] >= 3
+    assert float(members.std(axis=1).min()) > 0

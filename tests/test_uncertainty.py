@@ -109,7 +109,17 @@ def test_last_layer_features_reproduce_the_outputs(config):
         compute_neighbors(structure, model.cutoff)
         structures.append(structure)
     names = list(_specs())
+    from symatomic.data.batch import collate
+    from symatomic.train.losses import predict_batch
+
+    # the predictions that come with the last-layer features are the model's own
+    plain, _, _ = predict_batch(
+        model, collate(structures), _specs(), with_gradients=False
+    )
     for predictions, _, features in last_layer_samples(model, structures, names, 2):
+        for name in names:
+            for block, reference in zip(predictions[name], plain[name]):
+                assert relative_error(block, reference) < 1e-12, name
         for name in names:
             readout = model.readouts[name]
             weights = readout.block_last_layer_weights()

@@ -273,7 +273,17 @@ class SymatomicModel(torch.nn.Module):
             result["feature"] = atom_features(features, n_atoms)
         last_layer: Dict[str, List[torch.Tensor]] = {}
         for name, readout in self.readouts.items():
-            if name in names:
+            predicted = False
+            if name in last_layer_names:
+                z, per_block = readout.last_layer_features(
+                    features, n_atoms, edge_vectors, pair_harmonics, pooled
+                )
+                last_layer[name] = [z] + per_block
+                if name in names and not readout.uses_basis:
+                    # invariant direct heads are linear in z: no second pass
+                    result[name] = readout.from_last_layer(z, species)
+                    predicted = True
+            if name in names and not predicted:
                 result[name] = readout(
                     features,
                     species,
@@ -283,11 +293,6 @@ class SymatomicModel(torch.nn.Module):
                     pair_harmonics,
                     pooled,
                 )
-            if name in last_layer_names:
-                z, per_block = readout.last_layer_features(
-                    features, n_atoms, edge_vectors, pair_harmonics, pooled
-                )
-                last_layer[name] = [z] + per_block
         return result, last_layer
 
     def predict(

@@ -313,6 +313,14 @@ class TargetReadout(torch.nn.Module):
                 ).index_add(0, features.owner_atoms, weighted)
         return z, [z.unsqueeze(1) for _ in self.block_sizes]
 
+    @torch.jit.export
+    def from_last_layer(self, z: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """The output of a direct head from its :meth:`last_layer_features` ``z``,
+        ``(n_atoms, n_flat)`` (what :meth:`forward` gives, for invariant
+        targets)."""
+        raw = torch.matmul(z, self.head.last_layer_weights())
+        return raw * self.scale + self.baseline.index_select(0, species)
+
     def block_last_layer_weights(self) -> List[torch.Tensor]:
         """Per block, ``(block_last_layer_size, n_properties)``: the last-layer
         weights ``w_p`` of :meth:`last_layer_features` (not scripted)."""
