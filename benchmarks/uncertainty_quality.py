@@ -9,6 +9,9 @@ on the test set, per target block, the script prints
 * ``mean(e² / u²)`` (1 when calibrated, as on the validation set by construction),
   the fractions of errors within 1 and 2 uncertainties (Gaussian: 0.68 and 0.95)
   and the Gaussian negative log-likelihood;
+* for forces (the example), per test atom: the spread of the forces of the energy
+  ensemble's members against the force error (the ensemble is calibrated on
+  energies only, so ``mean(e²/u²)`` shows how far that carries to forces);
 * a calibration curve (``calibration-<set>.png``): test samples sorted by
   uncertainty in bins, RMSE of each bin against its RMS uncertainty.
 
@@ -134,6 +137,65 @@ def test_samples(folder: str, options: Dict) -> Dict[str, Dict[str, np.ndarray]]
     return {
         label: {k: np.concatenate(v) for k, v in entry.items()}
         for label, entry in result.items()
+    }
+
+
+def force_samples(folder: str, options: Dict) -> Dict[str, np.ndarray]:
+    """Per test atom: the squared force error (mean over x, y, z) and the force
+    uncertainty from the energy ensemble, ``u_i² = mean_m mean_xyz (F_m - F̄)²``
+    with member forces ``F_m = -∂E_m/∂r`` by automatic differentiation (what an
+    engine computes); empty when the energy has no forces."""
+    import ase.io
+    import torch
+    from metatomic.torch import ModelEvaluationOptions, ModelOutput, systems_to_torch
+
+    import symatomic.io
+    from symatomic.train.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(os.path.join(folder, "run", "model.ckpt"))
+    energy = options["training_set"]["targets"].get("energy")
+    if (
+        energy is None
+        or "forces" not in energy
+        or "energy_ensemble" not in (model.output_names())
+    ):
+        return {}
+    exported = model.to(torch.float64).export()
+    frames = ase.io.read(options["training_set"]["systems"]["read_from"], ":")
+    key = energy["forces"]["key"]
+    squared: List[np.ndarray] = []
+    sigma: List[np.ndarray] = []
+    evaluation = ModelEvaluationOptions(
+        length_unit="angstrom",
+        outputs={
+            "energy": ModelOutput(sample_kind="system"),
+            "energy_ensemble": ModelOutput(sample_kind="system"),
+        },
+    )
+    for index in options["test_set"]["indices"]:
+        atoms = frames[index]
+        reference = atoms.arrays[key] if key in atoms.arrays else atoms.get_forces()
+        systems = systems_to_torch([atoms], dtype=torch.float64)
+        systems[0].positions.requires_grad_(True)
+        symatomic.io.add_neighbor_lists(systems, exported)
+        result = exported(systems, evaluation, check_consistency=False)
+        positions = systems[0].positions
+        total = result["energy"].block().values.sum()
+        forces = -torch.autograd.grad(total, positions, retain_graph=True)[0]
+        members = result["energy_ensemble"].block().values[0]
+        member_forces = torch.stack(
+            [
+                -torch.autograd.grad(members[m], positions, retain_graph=True)[0]
+                for m in range(members.shape[0])
+            ]
+        )
+        spread = member_forces - member_forces.mean(dim=0)
+        sigma.append(spread.pow(2).mean(dim=(0, 2)).sqrt().detach().numpy())
+        error = forces.detach().numpy() - reference
+        squared.append((error**2).mean(axis=1))
+    return {
+        "squared": np.concatenate(squared)[:, None],
+        "sigma": np.concatenate(sigma)[:, None],
     }
 
 
@@ -276,6 +338,9 @@ def main() -> None:
             if not os.path.exists(os.path.join(folder, "run", "model.ckpt")):
                 run_training(options, folder, 2)
             blocks = test_samples(folder, options)
+            forces = force_samples(folder, options)
+            if forces:
+                blocks["energy forces (per atom, from the ensemble)"] = forces
             curves[variant] = blocks
             for label, entry in blocks.items():
                 q = quality(entry["squared"], entry["sigma"])

@@ -10,6 +10,7 @@ the bundled water-cluster example, rewritten with keys metatrain's ASE reader ca
 
 import copy
 import gzip
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,11 @@ pytest.importorskip("metatrain")
 
 import ase  # noqa: E402
 import ase.io  # noqa: E402
-from metatomic.torch import ModelOutput, systems_to_torch  # noqa: E402
+from metatomic.torch import (  # noqa: E402
+    ModelOutput,
+    load_atomistic_model,
+    systems_to_torch,
+)
 from metatomic.torch.o3 import random_transformations  # noqa: E402
 from metatrain.utils.architectures import (  # noqa: E402
     get_default_hypers,
@@ -46,6 +51,7 @@ from metatrain.utils.testing import (  # noqa: E402
 )
 
 import symatomic  # noqa: E402
+import symatomic.io  # noqa: E402
 import symatomic.mtt  # noqa: E402
 from conftest import SMALL_SOAP  # noqa: E402
 from symatomic.data.structures import read_frames  # noqa: E402
@@ -430,6 +436,29 @@ def test_adapter_matches_inner_model(water_path: str) -> None:
     assert ours["mtt::sph"].keys == model.dataset_info.targets["mtt::sph"].layout.keys
 
 
+def test_long_range_through_the_adapter() -> None:
+    """``long_range`` in metatrain's hypers: the adapter's model is non-local (an
+    infinite interaction range) and evaluates a periodic box."""
+    pytest.importorskip("torchpme")
+    hypers = get_default_hypers(ARCHITECTURE)["model"]
+    hypers.update(copy.deepcopy(SMALL_MODEL))
+    hypers["long_range"] = {"enable": True}
+    torch.manual_seed(0)
+    model = symatomic.mtt.SymatomicMTT(
+        hypers,
+        _dataset_info({"mtt::scalar": {"type": "scalar", "sample_kind": "system"}}),
+    ).to(torch.float64)
+    assert math.isinf(model.model.interaction_range)
+    atoms = ase.Atoms(
+        "HOH",
+        positions=[[0, 0, 0], [0.96, 0, 0], [1.2, 0.9, 0]],
+        cell=[6, 6, 6],
+        pbc=True,
+    )
+    values = _evaluate(model.eval(), atoms, "system")["mtt::scalar"].block().values
+    assert values.shape == (1, 2) and torch.isfinite(values).all()
+
+
 def test_register_is_idempotent_and_visible() -> None:
     from metatrain.utils.architectures import find_all_architectures
     from metatrain.utils.io import find_all_architectures as io_find
@@ -611,6 +640,23 @@ test_set: 0.0
     checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
     assert checkpoint["architecture_name"] == ARCHITECTURE
     assert checkpoint["trainer_ckpt_version"] == 1
+    # the calibrated uncertainties and ensembles are declared and computed
+    exported = load_atomistic_model(str(tmp_path / "model.pt"))
+    declared = exported.capabilities().outputs
+    for name in (
+        "energy_uncertainty",
+        "energy_ensemble",
+        "mtt::aux::dipole_uncertainty",
+        "mtt::aux::dipole_ensemble",
+    ):
+        assert name in declared, name
+    atoms = ase.io.read(water_path, index=0)
+    predicted = symatomic.io.predict(
+        exported, [atoms], ["energy_uncertainty", "mtt::aux::dipole_uncertainty"]
+    )
+    for name in ("energy_uncertainty", "mtt::aux::dipole_uncertainty"):
+        values = predicted[name].block().values
+        assert bool(torch.all(values > 0)), name
 
 
 # ------------------------------------------------------------ options compatibility

@@ -32,6 +32,10 @@ TYPES = [1, 6, 8]
 CONFIGS = {
     "default": dict(TINY_MODEL, ecse="auto", edge_inputs="auto"),
     "soap": dict(TINY_MODEL, backbone="soap", ecse="auto", soap=SMALL_SOAP),
+    # direct heads of covariant targets, exact through ECSE frames
+    "ecse-direct": dict(
+        TINY_MODEL, ecse={"mode": "local", "frame_layers": 1}, tensor_heads="direct"
+    ),
 }
 
 

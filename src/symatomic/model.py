@@ -19,6 +19,7 @@ values are sums over atoms.
 """
 
 import json
+import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +37,7 @@ from .backbone import SOAPBackbone
 from .basis import pair_directions
 from .data.targets import TargetSpec
 from .heads import pool_pairs
+from .long_range import SystemGeometry, make_long_range
 from .model_options import (
     SOAP_DEFAULT_HYPERS,
     check_model_hypers,
@@ -45,7 +47,7 @@ from .model_options import (
 )
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import SolidHarmonics, WignerD
-from .pet import PET
+from .pet import PET, PETFeatures
 from .readout import TargetReadout, atom_features, basis_inputs
 from .statistics import fit_output_statistics
 from .uncertainty import derived_output_names
@@ -113,7 +115,14 @@ class SymatomicModel(torch.nn.Module):
             type_to_index[atomic_type] = index
         self.register_buffer("type_to_index", type_to_index)
 
-        model_only = ("ecse", "backbone", "soap", "tensor_heads", "basis_hidden")
+        model_only = (
+            "ecse",
+            "backbone",
+            "soap",
+            "tensor_heads",
+            "basis_hidden",
+            "long_range",
+        )
         # edge_inputs is resolved (invariant or cartesian): PET takes it
         pet_hypers = {k: v for k, v in self.hypers.items() if k not in model_only}
         ecse = self.hypers["ecse"]
@@ -136,6 +145,13 @@ class SymatomicModel(torch.nn.Module):
             d_edge = int(self.hypers["d_pet"])
         #: width of the ``feature`` output: atom features and pooled pair features
         self.feature_size = d_node + d_edge
+        #: learned charges and their long-range potential, added to the atom
+        #: features (:mod:`symatomic.long_range`); the model is then not local
+        self.long_range = make_long_range(
+            self.hypers["long_range"], d_node, self.cutoff
+        )
+        if self.long_range.enabled:
+            self.interaction_range = math.inf
         self.exactly_equivariant = is_exactly_equivariant(self.hypers)
         max_lambda = max(
             [b.o3_lambda for s in targets.values() for b in s.blocks] + [0]
@@ -216,6 +232,7 @@ class SymatomicModel(torch.nn.Module):
         neighbors: torch.Tensor,
         reverse: torch.Tensor,
         names: List[str],
+        geometry: Optional[SystemGeometry] = None,
     ) -> Dict[str, torch.Tensor]:
         """Per-atom contributions of the requested targets.
 
@@ -225,10 +242,11 @@ class SymatomicModel(torch.nn.Module):
         :param neighbors: ``(n_pairs,)``
         :param reverse: ``(n_pairs,)`` index of the reverse pair
         :param names: targets to compute
+        :param geometry: positions and cells (models with a long-range part)
         :return: name → ``(n_atoms, n_flat)`` in the target's unit
         """
         atomic, _ = self.evaluate(
-            species, edge_vectors, centers, neighbors, reverse, names, []
+            species, edge_vectors, centers, neighbors, reverse, names, [], geometry
         )
         return atomic
 
@@ -241,14 +259,23 @@ class SymatomicModel(torch.nn.Module):
         reverse: torch.Tensor,
         names: List[str],
         last_layer_names: List[str],
+        geometry: Optional[SystemGeometry] = None,
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[torch.Tensor]]]:
         """Per-atom contributions of the targets ``names`` (as
         :meth:`atomic_outputs`) and the per-atom last-layer features of the
         targets ``last_layer_names``: name → ``[z, Φ_block_0, Φ_block_1, …]`` of
         :meth:`symatomic.readout.TargetReadout.last_layer_features`, one backbone
-        evaluation for both."""
+        evaluation for both.
+
+        :param geometry: positions and cells, needed by models with a long-range
+            part (:mod:`symatomic.long_range`)
+        """
         features = self.backbone(species, edge_vectors, centers, neighbors, reverse)
         n_atoms = species.shape[0]
+        if self.long_range.enabled:
+            features = self._add_long_range(
+                features, n_atoms, geometry, edge_vectors, centers, neighbors
+            )
         wigner: List[torch.Tensor] = []
         improper = torch.zeros(0, dtype=torch.bool, device=species.device)
         if features.symmetrized:
@@ -276,10 +303,16 @@ class SymatomicModel(torch.nn.Module):
             predicted = False
             if name in last_layer_names:
                 z, per_block = readout.last_layer_features(
-                    features, n_atoms, edge_vectors, pair_harmonics, pooled
+                    features,
+                    n_atoms,
+                    edge_vectors,
+                    wigner,
+                    improper,
+                    pair_harmonics,
+                    pooled,
                 )
                 last_layer[name] = [z] + per_block
-                if name in names and not readout.uses_basis:
+                if name in names and not readout.uses_basis and readout.invariant:
                     # invariant direct heads are linear in z: no second pass
                     result[name] = readout.from_last_layer(z, species)
                     predicted = True
@@ -295,6 +328,47 @@ class SymatomicModel(torch.nn.Module):
                 )
         return result, last_layer
 
+    def _add_long_range(
+        self,
+        features: PETFeatures,
+        n_atoms: int,
+        geometry: Optional[SystemGeometry],
+        edge_vectors: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+    ) -> PETFeatures:
+        """The backbone's features with the long-range features of every atom
+        added to its atom features (to every frame's, with ECSE frames): charges
+        from the invariant atom features, so that the symmetry is kept."""
+        source = features.invariant_nodes
+        if source is None:
+            source = features.atom_nodes
+        if source is None:
+            if features.symmetrized:
+                weighted = features.nodes * features.owner_weights.unsqueeze(1)
+                source = torch.zeros(
+                    n_atoms,
+                    weighted.shape[1],
+                    dtype=weighted.dtype,
+                    device=weighted.device,
+                ).index_add(0, features.owner_atoms, weighted)
+            else:
+                source = features.nodes
+        extra = self.long_range(source, geometry, edge_vectors, centers, neighbors)
+        if features.symmetrized:
+            features.nodes = features.nodes + extra.index_select(
+                0, features.owner_atoms
+            )
+        else:
+            features.nodes = features.nodes + extra
+        atom_nodes = features.atom_nodes
+        if atom_nodes is not None:
+            features.atom_nodes = atom_nodes + extra
+        invariant_nodes = features.invariant_nodes
+        if invariant_nodes is not None:
+            features.invariant_nodes = invariant_nodes + extra
+        return features
+
     def predict(
         self,
         species: torch.Tensor,
@@ -305,6 +379,7 @@ class SymatomicModel(torch.nn.Module):
         system_index: torch.Tensor,
         n_systems: int,
         names: List[str],
+        geometry: Optional[SystemGeometry] = None,
     ) -> Dict[str, List[torch.Tensor]]:
         """Predictions in the targets' own layout (pure tensors).
 
@@ -313,7 +388,7 @@ class SymatomicModel(torch.nn.Module):
             (atoms in order; only atoms of the block's type for per-type blocks)
         """
         atomic = self.atomic_outputs(
-            species, edge_vectors, centers, neighbors, reverse, names
+            species, edge_vectors, centers, neighbors, reverse, names, geometry
         )
         result: Dict[str, List[torch.Tensor]] = {}
         for name, readout in self.readouts.items():
@@ -337,6 +412,7 @@ class SymatomicModel(torch.nn.Module):
         system_index: torch.Tensor,
         n_systems: int,
         names: List[str],
+        geometry: Optional[SystemGeometry] = None,
     ) -> Tuple[Dict[str, List[torch.Tensor]], Dict[str, List[torch.Tensor]]]:
         """Predictions (as :meth:`predict`) and, in the same layout, the
         last-layer features ``Φ`` of every block, ``(n_samples, 2λ+1, n_last)``
@@ -344,7 +420,14 @@ class SymatomicModel(torch.nn.Module):
         whose read-out has last-layer features."""
         with_last_layer = [name for name in names if self.readouts[name].has_last_layer]
         atomic, last_layer = self.evaluate(
-            species, edge_vectors, centers, neighbors, reverse, names, with_last_layer
+            species,
+            edge_vectors,
+            centers,
+            neighbors,
+            reverse,
+            names,
+            with_last_layer,
+            geometry,
         )
         predictions: Dict[str, List[torch.Tensor]] = {}
         features: Dict[str, List[torch.Tensor]] = {}
@@ -435,8 +518,14 @@ class SymatomicModel(torch.nn.Module):
         neighbors: List[torch.Tensor] = []
         shifts: List[torch.Tensor] = []
         vectors: List[torch.Tensor] = []
+        positions: List[torch.Tensor] = []
+        cells: List[torch.Tensor] = []
+        periodic: List[torch.Tensor] = []
         offset = 0
         for index, system in enumerate(systems):
+            positions.append(system.positions)
+            cells.append(system.cell)
+            periodic.append(system.pbc)
             n_atoms = system.positions.shape[0]
             types.append(system.types)
             system_index.append(
@@ -478,6 +567,14 @@ class SymatomicModel(torch.nn.Module):
         all_shifts = all_shifts[order]
         all_vectors = all_vectors[order]
         reverse = reverse_pair_index(all_centers, all_neighbors, all_shifts, n_total)
+        geometry: Optional[SystemGeometry] = None
+        if self.long_range.enabled:
+            geometry = SystemGeometry(
+                torch.cat(positions),
+                torch.stack(cells),
+                torch.stack(periodic),
+                all_system_index,
+            )
 
         atomic, last_layer = self.evaluate(
             species,
@@ -487,6 +584,7 @@ class SymatomicModel(torch.nn.Module):
             reverse,
             targets_needed,
             last_layer_needed,
+            geometry,
         )
 
         # first atom of every system, and index of every atom in its system

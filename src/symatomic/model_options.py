@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from .data.targets import TargetSpec
 from .ecse import check_ecse_options
+from .long_range import check_long_range_options
 from .pet import PET_DEFAULT_HYPERS, check_pet_hypers
 
 __all__ = [
@@ -66,6 +67,7 @@ MODEL_OPTIONS = tuple(PET_DEFAULT_HYPERS) + (
     "soap",
     "tensor_heads",
     "basis_hidden",
+    "long_range",
 )
 
 
@@ -79,7 +81,8 @@ def check_model_hypers(
     (components predicted by the backbone's heads: exact with ECSE, approximate
     without) or ``basis`` (invariant coefficients times a basis of (λ, σ) tensors,
     :mod:`symatomic.basis`); ``basis_hidden`` is the hidden size of the basis' pair
-    MLPs; ``ecse`` selects the exact symmetrization of PET
+    MLPs; ``long_range`` adds learned charges and their Coulomb potential
+    (:func:`symatomic.long_range.check_long_range_options`); ``ecse`` selects the exact symmetrization of PET
     (:func:`symatomic.ecse.check_ecse_options`). Everything else are PET
     hyper-parameters (``cutoff`` and ``cutoff_width`` are shared with SOAP).
     """
@@ -137,7 +140,11 @@ def check_model_hypers(
         )
     if basis_hidden < 0:
         raise ValueError(f"{where}.basis_hidden must be >= 0, got {basis_hidden}")
+    long_range = check_long_range_options(
+        hypers.pop("long_range", None), where + ".long_range"
+    )
     result = check_pet_hypers(hypers, where)
+    result["long_range"] = long_range
     result["edge_inputs"] = edge_inputs
     result["ecse"] = ecse
     result["backbone"] = backbone

@@ -140,8 +140,10 @@ class TargetReadout(torch.nn.Module):
         self.register_buffer("scale", torch.ones(n_flat))
         self.register_buffer("baseline", torch.zeros(n_species, n_flat))
         #: whether the outputs are linear in last-layer weights whose features
-        #: :meth:`last_layer_features` gives (invariant targets, scalar-basis heads)
-        self.has_last_layer: bool = self.invariant or self.uses_basis
+        #: :meth:`last_layer_features` gives (every head: invariant targets,
+        #: scalar-basis heads, and direct heads of covariant targets, whose
+        #: features carry the rotations of the ECSE frames)
+        self.has_last_layer: bool = True
         d_last = int(hypers["d_head"]) + 1
         if not self.uses_basis:
             d_last = 2 * int(hypers["d_head"]) + 2
@@ -151,7 +153,7 @@ class TargetReadout(torch.nn.Module):
         self.block_last_layer_sizes: List[int] = (
             [h.n_basis * d_last for h in basis_heads]
             if self.uses_basis
-            else [d_last for _ in spec.blocks]
+            else [c * d_last for c in self.block_components]
         )
         #: calibrated last-layer uncertainty of every block (symatomic.uncertainty)
         self.uncertainty = torch.nn.ModuleList(
@@ -161,8 +163,6 @@ class TargetReadout(torch.nn.Module):
                     self.block_last_layer_sizes, self.block_properties
                 )
             ]
-            if self.has_last_layer
-            else []
         )
 
     def forward(
@@ -261,6 +261,8 @@ class TargetReadout(torch.nn.Module):
         features: PETFeatures,
         n_atoms: int,
         edge_vectors: torch.Tensor,
+        wigner: List[torch.Tensor],
+        improper: torch.Tensor,
         pair_harmonics: Optional[List[torch.Tensor]] = None,
         pooled: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -273,7 +275,12 @@ class TargetReadout(torch.nn.Module):
             ``w_p`` the last-layer weights of :meth:`block_last_layer_weights`.
             Invariant targets: ``Φ = z`` for every block. Scalar-basis heads:
             ``Φ_{i,μ,(b,k)} = B_{i,μ,b} z_{i,k}``, which rotates like the block.
-            Arguments as in :meth:`forward`; ``n_atoms`` is the number of atoms.
+            Direct heads of covariant targets: ``Φ_{i,μ,(μ',k)} = Σ_f w_f s_f
+            D^λ_{μμ'}(R_f) z_{f,k}`` over the atom's ECSE frames ``f`` (weights
+            ``w_f``, parity signs ``s_f``; the invariant fallback only in proper
+            scalars), ``δ_{μμ'} z_{i,k}`` without frames; it rotates like the
+            block because the frames do. Arguments as in :meth:`forward`;
+            ``n_atoms`` is the number of atoms.
         """
         if self.uses_basis:
             nodes, edges, fc, centers = basis_inputs(features)
@@ -287,10 +294,7 @@ class TargetReadout(torch.nn.Module):
                 per_block.append(phi.reshape(n_atoms, basis.shape[1], -1))
             return z, per_block
         if not self.invariant:
-            raise RuntimeError(
-                "covariant targets predicted by direct heads have no last-layer "
-                "features (use tensor_heads: basis)"
-            )
+            return self._covariant_last_layer(features, n_atoms, wigner, improper)
         atom_nodes = features.atom_nodes
         atom_edges = features.atom_edges
         atom_fc = features.atom_fc
@@ -313,6 +317,55 @@ class TargetReadout(torch.nn.Module):
                 ).index_add(0, features.owner_atoms, weighted)
         return z, [z.unsqueeze(1) for _ in self.block_sizes]
 
+    def _covariant_last_layer(
+        self,
+        features: PETFeatures,
+        n_atoms: int,
+        wigner: List[torch.Tensor],
+        improper: torch.Tensor,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        z = self.head.last_layer_features(
+            features.nodes, features.edges, features.fc, features.edge_owners
+        )
+        n_owners = z.shape[0]
+        per_block: List[torch.Tensor] = []
+        for o3_lambda, o3_sigma in zip(self.block_lambdas, self.block_sigmas):
+            n_components = 2 * o3_lambda + 1
+            if not features.symmetrized:
+                identity = torch.eye(n_components, dtype=z.dtype, device=z.device)
+                phi = identity.reshape(1, n_components, n_components, 1) * z.reshape(
+                    n_owners, 1, 1, -1
+                )
+                per_block.append(phi.reshape(n_owners, n_components, -1))
+                continue
+            coefficient = features.owner_weights
+            parity = o3_sigma * (1 - 2 * (o3_lambda % 2))
+            if parity != 1:
+                coefficient = torch.where(improper, -coefficient, coefficient)
+            if o3_lambda != 0 or o3_sigma != 1:
+                coefficient = torch.where(
+                    features.is_aux, torch.zeros_like(coefficient), coefficient
+                )
+            if o3_lambda > 0:
+                rotation = wigner[o3_lambda]
+            else:
+                rotation = torch.ones(n_owners, 1, 1, dtype=z.dtype, device=z.device)
+            phi = (rotation * coefficient.reshape(-1, 1, 1)).unsqueeze(3) * z.reshape(
+                n_owners, 1, 1, -1
+            )
+            phi = phi.reshape(n_owners, n_components, -1)
+            per_block.append(
+                torch.zeros(
+                    n_atoms, n_components, phi.shape[2], dtype=z.dtype, device=z.device
+                ).index_add(0, features.owner_atoms, phi)
+            )
+        if features.symmetrized:
+            weighted = z * features.owner_weights.unsqueeze(1)
+            z = torch.zeros(
+                n_atoms, z.shape[1], dtype=z.dtype, device=z.device
+            ).index_add(0, features.owner_atoms, weighted)
+        return z, per_block
+
     @torch.jit.export
     def from_last_layer(self, z: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """The output of a direct head from its :meth:`last_layer_features` ``z``,
@@ -334,8 +387,15 @@ class TargetReadout(torch.nn.Module):
                 result.append(block.transpose(0, 1).reshape(-1, head.n_properties))
                 offset += head.n_coefficients
             return result
-        for columns in weights.split(self.block_sizes, dim=1):
-            result.append(columns)
+        # Φ's columns run over (μ', k): the weights of component μ' of the head's
+        # output, stacked
+        for columns, n_components, n_properties in zip(
+            weights.split(self.block_sizes, dim=1),
+            self.block_components,
+            self.block_properties,
+        ):
+            block = columns.reshape(-1, n_components, n_properties).transpose(0, 1)
+            result.append(block.reshape(-1, n_properties))
         return result
 
     def split_blocks(self, flat: torch.Tensor) -> List[torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import Literal, Optional, Union
 from typing_extensions import TypedDict
 
 from ..ecse import ECSE_DEFAULTS
+from ..long_range import LONG_RANGE_DEFAULTS
 from ..model import SOAP_DEFAULT_HYPERS
 from ..options import TRAINING_DEFAULT_HYPERS
 from ..pet import PET_DEFAULT_HYPERS
@@ -97,6 +98,24 @@ class SOAPHypers(TypedDict):
     """Width of the pair features."""
 
 
+class LongRangeHypers(TypedDict):
+    """Long-range electrostatics (torch-pme): learned charges, their Coulomb
+    potential beyond the cutoff, added to the atom features."""
+
+    enable: bool = LONG_RANGE_DEFAULTS["enable"]
+    """Toggle the long-range part (the model is then non-local)."""
+    use_ewald: bool = LONG_RANGE_DEFAULTS["use_ewald"]
+    """Ewald summation (in training and inference); ``False``: P3M."""
+    smearing: float = LONG_RANGE_DEFAULTS["smearing"]
+    """Gaussian smearing separating the short- and long-range parts (length)."""
+    kspace_resolution: float = LONG_RANGE_DEFAULTS["kspace_resolution"]
+    """Shortest wavelength of Ewald / mesh spacing of P3M (length)."""
+    interpolation_nodes: int = LONG_RANGE_DEFAULTS["interpolation_nodes"]
+    """Interpolation order of P3M (3 to 7)."""
+    num_charges: int = LONG_RANGE_DEFAULTS["num_charges"]
+    """Learned charge channels per atom."""
+
+
 class ModelHypers(TypedDict):
     """Hyper-parameters of the symatomic PET model."""
 
@@ -161,6 +180,8 @@ class ModelHypers(TypedDict):
     densities from the pair features (0: linear maps)."""
     soap: SOAPHypers = dict(SOAP_DEFAULT_HYPERS)
     """Options of the SOAP backbone."""
+    long_range: LongRangeHypers = dict(LONG_RANGE_DEFAULTS)
+    """Long-range electrostatics (needs torch-pme)."""
 
 
 class FinetuneHypers(TypedDict):

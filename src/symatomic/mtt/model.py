@@ -156,7 +156,9 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
         raw = self.model(systems, outputs, selected_atoms)
         result: Dict[str, TensorMap] = {}
         for name, tensor in raw.items():
-            if name == "feature":
+            if name not in self._layout_keys:
+                # feature, uncertainties, ensembles and last-layer features: in
+                # symatomic's spherical layout (one uncertainty per (λ, σ) block)
                 result[name] = tensor
             else:
                 result[name] = self._to_layout(name, tensor)
@@ -356,8 +358,14 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
         dtype = next(self.parameters()).dtype
         if dtype not in self.__supported_dtypes__:
             raise ValueError(f"unsupported dtype {dtype} for export")
+        # the targets in metatrain's layouts, and what the inner model adds once
+        # calibrated: uncertainties, ensembles, last-layer features
+        outputs = dict(self.outputs)
+        for name, output in self.model.capabilities().outputs.items():
+            if name not in outputs:
+                outputs[name] = output
         capabilities = ModelCapabilities(
-            outputs=self.outputs,
+            outputs=outputs,
             atomic_types=self.atomic_types,
             interaction_range=self.model.interaction_range,
             length_unit=self.dataset_info.length_unit,

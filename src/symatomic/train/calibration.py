@@ -23,7 +23,7 @@ from ..data.batch import collate
 from ..data.structures import Structure
 from ..data.targets import TargetSpec
 from ..model import SymatomicModel
-from ..neighbors import pair_vectors
+from .losses import model_inputs
 
 __all__ = ["fit_uncertainties", "last_layer_samples"]
 
@@ -50,17 +50,10 @@ def last_layer_samples(
             parameter.dtype,
             parameter.device,
         )
-        vectors = pair_vectors(
-            batch.positions,
-            batch.cells,
-            batch.system_index,
-            batch.centers,
-            batch.neighbors,
-            batch.cell_shifts,
-        )
+        species, vectors, geometry = model_inputs(model, batch)
         with torch.no_grad():
             predictions, features = model.predict_last_layer(
-                model.species_index(batch.types),
+                species,
                 vectors,
                 batch.centers,
                 batch.neighbors,
@@ -68,6 +61,7 @@ def last_layer_samples(
                 batch.system_index,
                 batch.n_systems,
                 names,
+                geometry,
             )
         yield predictions, batch.targets, features
 
@@ -95,13 +89,6 @@ def fit_uncertainties(
         log-likelihood
     """
     names = [name for name in specs if model.readouts[name].has_last_layer]
-    skipped = [name for name in specs if name not in names]
-    if skipped:
-        LOGGER.warning(
-            "warning: no uncertainty for %s: covariant targets of direct heads "
-            "have no last-layer features (tensor_heads: basis has)",
-            ", ".join(skipped),
-        )
     if not names:
         return {}
     if not validation:

@@ -2,16 +2,54 @@
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from ..data.batch import Batch
 from ..data.targets import TargetSpec
+from ..long_range import SystemGeometry
 from ..model import SymatomicModel
 from ..neighbors import pair_vectors
 
-__all__ = ["predict_batch", "LossTerms", "loss_terms", "ErrorAccumulator"]
+__all__ = [
+    "predict_batch",
+    "model_inputs",
+    "LossTerms",
+    "loss_terms",
+    "ErrorAccumulator",
+]
+
+
+def model_inputs(
+    model: SymatomicModel,
+    batch: Batch,
+    positions: Optional[torch.Tensor] = None,
+    cells: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[SystemGeometry]]:
+    """What :meth:`SymatomicModel.predict` takes from a batch: species indices,
+    pair vectors ``(E, 3)`` and, for models with a long-range part, the geometry.
+
+    :param positions: ``(N, 3)`` positions to use instead of the batch's (displaced,
+        or requiring gradients)
+    :param cells: ``(S, 3, 3)`` cells to use instead of the batch's (strained)
+    """
+    if positions is None:
+        positions = batch.positions
+    if cells is None:
+        cells = batch.cells
+    vectors = pair_vectors(
+        positions,
+        cells,
+        batch.system_index,
+        batch.centers,
+        batch.neighbors,
+        batch.cell_shifts,
+    )
+    geometry: Optional[SystemGeometry] = None
+    if model.long_range.enabled:
+        geometry = SystemGeometry(positions, cells, batch.pbc, batch.system_index)
+    return model.species_index(batch.types), vectors, geometry
 
 
 def predict_batch(
@@ -53,15 +91,9 @@ def predict_batch(
             positions.unsqueeze(1), atom_strain
         ).squeeze(1)
         displaced_cells = cells + torch.bmm(cells, strain)
-    vectors = pair_vectors(
-        displaced_positions,
-        displaced_cells,
-        batch.system_index,
-        batch.centers,
-        batch.neighbors,
-        batch.cell_shifts,
+    species, vectors, geometry = model_inputs(
+        model, batch, displaced_positions, displaced_cells
     )
-    species = model.species_index(batch.types)
     blocks = model.predict(
         species,
         vectors,
@@ -71,6 +103,7 @@ def predict_batch(
         batch.system_index,
         batch.n_systems,
         names,
+        geometry,
     )
     forces: Dict[str, torch.Tensor] = {}
     stress: Dict[str, torch.Tensor] = {}
