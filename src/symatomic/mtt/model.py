@@ -26,6 +26,7 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.hypers import init_with_defaults, raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 
+from ..long_range import LONG_RANGE_DEFAULTS
 from ..model import SOAP_DEFAULT_HYPERS, SymatomicModel
 from ..train.checkpoint import (
     CHECKPOINT_VERSION,
@@ -57,7 +58,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
     #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
     #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
-    __checkpoint_version__ = 5
+    __checkpoint_version__ = 6
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -343,6 +344,15 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             # read-out: older models load them unfitted (BlockUncertainty's hook)
             checkpoint = dict(checkpoint)
             checkpoint["model_ckpt_version"] = version = 5
+        if version == 5:
+            # version 6 added the long-range options: older models are local
+            checkpoint = dict(checkpoint)
+            model_data = dict(checkpoint["model_data"])
+            hypers = dict(model_data["model_hypers"])
+            hypers.setdefault("long_range", dict(LONG_RANGE_DEFAULTS))
+            model_data["model_hypers"] = hypers
+            checkpoint["model_data"] = model_data
+            checkpoint["model_ckpt_version"] = version = 6
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "
