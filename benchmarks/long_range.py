@@ -32,7 +32,11 @@ from point_charges import point_charge_frames, random_box  # noqa: E402
 
 VARIANTS: Dict[str, Dict] = {
     "short-range": dict(EXAMPLE_SIZES),
+    # the default: use_ewald auto (Ewald for these 32-atom boxes)
     "long-range": dict(EXAMPLE_SIZES, long_range={"enable": True}),
+    "long-range-p3m": dict(
+        EXAMPLE_SIZES, long_range={"enable": True, "use_ewald": False}
+    ),
     "long-range-ewald": dict(
         EXAMPLE_SIZES, long_range={"enable": True, "use_ewald": True}
     ),

@@ -16,7 +16,7 @@ from metatomic.torch import (
 import symatomic.io
 from conftest import SMALL_SOAP, TINY_MODEL, random_operation, relative_error
 from symatomic.data.targets import parse_target_options
-from symatomic.long_range import check_long_range_options
+from symatomic.long_range import EWALD_AUTO_ATOMS, check_long_range_options
 from symatomic.model import SymatomicModel
 from symatomic.model_options import check_model_hypers
 
@@ -43,7 +43,7 @@ def _specs():
     }
 
 
-def _model(config: str, use_ewald: bool, seed: int = 0) -> SymatomicModel:
+def _model(config: str, use_ewald, seed: int = 0) -> SymatomicModel:
     torch.manual_seed(seed)
     hypers = dict(CONFIGS[config])
     hypers["long_range"] = {"enable": True, "use_ewald": use_ewald, "num_charges": 3}
@@ -112,8 +112,28 @@ def test_options_are_checked():
         check_model_hypers({"long_range": {"enable": True, "smearing": 0}})
     with pytest.raises(ValueError, match="interpolation_nodes must be between"):
         check_model_hypers({"long_range": {"interpolation_nodes": 9}})
-    with pytest.raises(ValueError, match="use_ewald must be true or false"):
+    with pytest.raises(ValueError, match="use_ewald must be true, false or auto"):
         check_model_hypers({"long_range": {"use_ewald": "yes"}})
+    assert checked["use_ewald"] == "auto"
+
+
+def test_auto_takes_ewald_for_small_structures_and_p3m_for_large_ones():
+    rng = np.random.default_rng(9)
+    frames = [_random_cell(rng, 10)]
+    energies = {}
+    for use_ewald in (True, False, "auto"):
+        model = _model("default", use_ewald)
+        energies[use_ewald] = (
+            symatomic.io.predict(model.export(), frames, ["energy"], forces=False)[
+                "energy"
+            ]
+            .block()
+            .values
+        )
+    assert relative_error(energies["auto"], energies[True]) < 1e-12
+    # P3M and Ewald agree closely, not exactly
+    assert 0 < relative_error(energies[False], energies[True]) < 1e-2
+    assert _model("default", "auto").long_range.ewald_below == EWALD_AUTO_ATOMS
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 __all__ = [
+    "EWALD_AUTO_ATOMS",
     "LONG_RANGE_DEFAULTS",
     "LongRange",
     "NoLongRange",
@@ -37,10 +38,16 @@ __all__ = [
     "make_long_range",
 ]
 
+#: with ``use_ewald: auto``, structures with fewer atoms use Ewald summation, the
+#: others P3M (``benchmarks/long_range.py``: Ewald's long-range part costs ~N^1.6
+#: per structure and P3M's ~N^0.8 plus a fixed overhead; they cross near 125
+#: atoms; the two agree to 2e-4 relative at the default resolution)
+EWALD_AUTO_ATOMS = 128
+
 #: defaults of ``architecture.model.long_range``
 LONG_RANGE_DEFAULTS: Dict[str, Any] = {
     "enable": False,
-    "use_ewald": False,
+    "use_ewald": "auto",
     "smearing": 1.4,
     "kspace_resolution": 1.33,
     "interpolation_nodes": 5,
@@ -67,11 +74,15 @@ def check_long_range_options(options: Any, where: str) -> Dict[str, Any]:
         )
     result = dict(LONG_RANGE_DEFAULTS)
     result.update(options)
-    for key in ("enable", "use_ewald"):
-        if not isinstance(result[key], bool):
-            raise ValueError(
-                f"{where}.{key} must be true or false, got {result[key]!r}"
-            )
+    if not isinstance(result["enable"], bool):
+        raise ValueError(
+            f"{where}.enable must be true or false, got {result['enable']!r}"
+        )
+    if not isinstance(result["use_ewald"], bool) and result["use_ewald"] != "auto":
+        raise ValueError(
+            f"{where}.use_ewald must be true, false or auto, got "
+            f"{result['use_ewald']!r}"
+        )
     for key in ("smearing", "kspace_resolution"):
         value = result[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -182,7 +193,11 @@ class LongRange(torch.nn.Module):
         self.enabled: bool = True
         # what __deepcopy__ rebuilds from (a string: TorchScript types it)
         self._construction = json.dumps([options, d_node, cutoff])
-        self.use_ewald: bool = bool(options["use_ewald"])
+        use_ewald = options["use_ewald"]
+        #: structures with fewer atoms use Ewald, the others P3M
+        self.ewald_below: int = (
+            EWALD_AUTO_ATOMS if use_ewald == "auto" else (2**62 if use_ewald else 0)
+        )
         n_charges = int(options["num_charges"])
         smearing = float(options["smearing"])
         resolution = float(options["kspace_resolution"])
@@ -293,7 +308,7 @@ class LongRange(torch.nn.Module):
                 # P3M's mesh kernel is not rotation-covariant: evaluate both
                 # methods in the cell's own orientation (exactly invariant)
                 positions, cell = canonical_orientation(positions, cell)
-                if self.use_ewald:
+                if n_atoms < self.ewald_below:
                     potential = self.ewald(
                         charges=system_charges,
                         cell=cell,

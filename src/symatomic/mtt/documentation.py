@@ -104,8 +104,9 @@ class LongRangeHypers(TypedDict):
 
     enable: bool = LONG_RANGE_DEFAULTS["enable"]
     """Toggle the long-range part (the model is then non-local)."""
-    use_ewald: bool = LONG_RANGE_DEFAULTS["use_ewald"]
-    """Ewald summation (in training and inference); ``False``: P3M."""
+    use_ewald: Union[bool, Literal["auto"]] = LONG_RANGE_DEFAULTS["use_ewald"]
+    """Ewald summation (in training and inference); ``False``: P3M; ``auto``:
+    Ewald for structures of fewer than 128 atoms, P3M for the others."""
     smearing: float = LONG_RANGE_DEFAULTS["smearing"]
     """Gaussian smearing separating the short- and long-range parts (length)."""
     kspace_resolution: float = LONG_RANGE_DEFAULTS["kspace_resolution"]
