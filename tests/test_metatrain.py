@@ -475,7 +475,7 @@ def test_register_is_idempotent_and_visible() -> None:
         defaults["model"]["d_pet"] == 128
         and defaults["model"]["ecse"]["mode"] == "auto"
     )
-    assert defaults["training"]["num_epochs"] == 100
+    assert defaults["training"]["num_epochs"] is None  # 100, or as time allows
 
 
 def test_default_hypers_equal_ours() -> None:
@@ -639,7 +639,7 @@ test_set: 0.0
     assert (tmp_path / "model.pt").exists() and (tmp_path / "model.ckpt").exists()
     checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
     assert checkpoint["architecture_name"] == ARCHITECTURE
-    assert checkpoint["trainer_ckpt_version"] == 1
+    assert checkpoint["trainer_ckpt_version"] == 2
     # the calibrated uncertainties and ensembles are declared and computed
     exported = load_atomistic_model(str(tmp_path / "model.pt"))
     declared = exported.capabilities().outputs

@@ -96,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     from .files import interrupted
     from .options import load_options
     from .train import Trainer
+    from .train.budget import parse_duration
 
     if args.example:
         if args.options is not None:
@@ -111,9 +112,12 @@ def _train(args: argparse.Namespace) -> int:
         options_path = args.options
     if args.epochs is not None and args.epochs < 0:
         raise ValueError(f"--epochs must not be negative, got {args.epochs}")
+    time_limit = parse_duration(args.time_limit, "--time-limit")
     options = load_options(options_path)
     if args.epochs is not None:
         options["architecture"]["training"]["num_epochs"] = args.epochs
+    if args.time_limit is not None:
+        options["architecture"]["training"]["time_limit"] = args.time_limit
     args.memory_hint = (
         "reduce architecture.training.batch_size (now "
         f"{options['architecture']['training']['batch_size']}), the model "
@@ -168,7 +172,12 @@ def _train(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = Trainer(
-            options, output_dir, restart=args.restart, progress=not args.no_progress
+            options,
+            output_dir,
+            restart=args.restart,
+            progress=not args.no_progress,
+            time_limit=time_limit,
+            started=args.started,
         )
         result = trainer.run()
     except BaseException as error:
@@ -178,6 +187,9 @@ def _train(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 print(file=sys.stderr)  # past a progress bar
             options_argument = "--example" if args.example else options_path
+            if args.time_limit is not None:
+                # the rest of the limit: the checkpoint knows the time used
+                options_argument += f" --time-limit {args.time_limit}"
             print(_interrupted(trainer, options_argument, output_dir), file=sys.stderr)
         return 130
     if not trainer.context.is_main:
@@ -502,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
         "the options file's)",
     )
     train.add_argument(
+        "--time-limit",
+        metavar="DURATION",
+        help="wall-clock limit of the whole run, e.g. 90s, 10m, 1.5h: the epochs and "
+        "the learning-rate schedule are planned to end within it, calibration and "
+        "export included, and num_epochs becomes a cap; with backbone: auto the "
+        "backbone is chosen by short probes on your data (replaces "
+        "architecture.training.time_limit; default: the options file's, else none)",
+    )
+    train.add_argument(
         "--no-progress",
         action="store_true",
         help="hide the progress bars (default: shown)",
@@ -656,7 +677,9 @@ def _terminated(signum, frame):
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    started = time.monotonic()
     args = parser.parse_args(argv)
+    args.started = started
     if args.function is None:
         parser.print_help()
         return 0

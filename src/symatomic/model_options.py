@@ -14,7 +14,9 @@ from .long_range import check_long_range_options
 from .pet import PET_DEFAULT_HYPERS, check_pet_hypers
 
 __all__ = [
+    "AUTO_CANDIDATES",
     "MODEL_OPTIONS",
+    "auto_candidates",
     "SOAP_DEFAULT_HYPERS",
     "check_model_hypers",
     "is_exactly_equivariant",
@@ -196,14 +198,7 @@ def backbone_for_data(
     checked = check_model_hypers(hypers)
     if checked["backbone"] != "auto":
         return str(checked["backbone"])
-    # options files reach the trainer with the defaults filled in: a PET option
-    # is asked for when it differs from its default
-    defaults = check_model_hypers({})
-    asks_for_pet = (
-        any(checked.get(key) != defaults.get(key) for key in _PET_ONLY_OPTIONS)
-        or checked["ecse"]["mode"] != "auto"
-        or checked.get("tensor_heads") == "direct"
-    )
+    asks_for_pet = _asks_for_pet(checked)
     energy_like = any(
         target.quantity == "energy"
         or target.name == "energy"
@@ -215,6 +210,58 @@ def backbone_for_data(
     if not asks_for_pet and not energy_like and n_train < SMALL_TRAINING_SET:
         return "soap"
     return "pet"
+
+
+#: PET sizes of the small candidate of ``backbone: auto`` (the bundled example's,
+#: ~0.47 M parameters against ~2.9 M for the default sizes)
+SMALL_PET_SIZES: Dict[str, Any] = {
+    "d_pet": 64,
+    "d_node": 128,
+    "d_head": 64,
+    "d_feedforward": 128,
+    "num_heads": 4,
+    "num_attention_layers": 1,
+}
+
+#: what ``backbone: auto`` chooses from, with a time limit, by short probes on the
+#: user's data (:mod:`symatomic.train.probes`): name → changes to the options
+AUTO_CANDIDATES: Dict[str, Dict[str, Any]] = {
+    "soap": {"backbone": "soap"},
+    "pet-small": dict(SMALL_PET_SIZES, backbone="pet"),
+    "pet": {"backbone": "pet"},
+}
+
+
+def auto_candidates(hypers: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The checked options of every candidate of ``backbone: auto`` for these
+    options: the :data:`AUTO_CANDIDATES`, each with the user's other options;
+    none when the backbone is given or the options ask for something of PET's
+    (its sizes, an ``ecse`` mode, ``edge_inputs``, direct tensor heads), which
+    makes the choice ``pet``.
+
+    :param hypers: the ``architecture.model`` options (given or checked)
+    """
+    checked = check_model_hypers(hypers)
+    if checked["backbone"] != "auto" or _asks_for_pet(checked):
+        return {}
+    result = {}
+    for name, changes in AUTO_CANDIDATES.items():
+        candidate = dict(checked)
+        candidate.update(changes)
+        result[name] = check_model_hypers(candidate)
+    return result
+
+
+def _asks_for_pet(checked: Dict[str, Any]) -> bool:
+    """Whether checked options ask for something only PET has: an option that
+    differs from its default (options files reach the trainer with the defaults
+    filled in)."""
+    defaults = check_model_hypers({})
+    return (
+        any(checked.get(key) != defaults.get(key) for key in _PET_ONLY_OPTIONS)
+        or checked["ecse"]["mode"] != "auto"
+        or checked.get("tensor_heads") == "direct"
+    )
 
 
 def resolve_model_hypers(

@@ -13,6 +13,7 @@ from typing import Any, Dict
 import yaml
 
 from .model import check_model_hypers
+from .train.budget import parse_duration
 
 __all__ = [
     "ARCHITECTURE_NAMES",
@@ -26,7 +27,10 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 TRAINING_DEFAULT_HYPERS: Dict[str, Any] = {
-    "num_epochs": 100,
+    # null: 100 epochs, or as many as fit in time_limit
+    "num_epochs": None,
+    # null: no limit; "10m", "1.5h", "90s" or seconds
+    "time_limit": None,
     "batch_size": 16,
     "learning_rate": 5e-4,
     "weight_decay": 0.0,
@@ -47,7 +51,8 @@ TRAINING_DEFAULT_HYPERS: Dict[str, Any] = {
 }
 
 _TRAINING_TYPES = {
-    "num_epochs": int,
+    "num_epochs": (int, type(None)),
+    "time_limit": (str, int, float, type(None)),
     "batch_size": int,
     "learning_rate": float,
     "weight_decay": float,
@@ -255,14 +260,20 @@ def check_training_hypers(
         if name == "augmentation":
             if value not in (True, False, "auto"):
                 raise ValueError(f"{where}.augmentation must be true, false or 'auto'")
+        elif name == "time_limit":
+            parse_duration(value, f"{where}.time_limit")
+        elif name == "num_epochs" and value is None:
+            pass
         elif not isinstance(value, expected) or (
             expected is not bool and isinstance(value, bool)
         ):
-            raise ValueError(
-                f"{where}.{name} must be a {expected.__name__}, got {value!r}"
+            kinds = expected if isinstance(expected, tuple) else (expected,)
+            described = " or ".join(
+                "null" if kind is type(None) else kind.__name__ for kind in kinds
             )
+            raise ValueError(f"{where}.{name} must be a {described}, got {value!r}")
         result[name] = value
-    if result["num_epochs"] < 0:
+    if result["num_epochs"] is not None and result["num_epochs"] < 0:
         raise ValueError(
             f"{where}.num_epochs must not be negative (0 fits the baselines and "
             "scales only)"

@@ -197,8 +197,13 @@ class FinetuneHypers(TypedDict):
 class TrainerHypers(TypedDict):
     """Hyper-parameters of symatomic's trainer (AdamW, warm-up and cosine decay)."""
 
-    num_epochs: int = TRAINING_DEFAULT_HYPERS["num_epochs"]
-    """Number of epochs; 0 only fits the baselines and scales."""
+    num_epochs: Optional[int] = TRAINING_DEFAULT_HYPERS["num_epochs"]
+    """Number of epochs; 0 only fits the baselines and scales; ``None``: 100, or
+    as many as fit in ``time_limit``, which makes this number a cap."""
+    time_limit: Optional[Union[str, float]] = TRAINING_DEFAULT_HYPERS["time_limit"]
+    """Wall-clock limit of the whole run (``"10m"``, ``"1.5h"``, ``"90s"`` or
+    seconds): the epochs and the learning-rate schedule are planned to end within
+    it, calibration included; ``None``: no limit."""
     batch_size: int = TRAINING_DEFAULT_HYPERS["batch_size"]
     """Structures per optimizer step."""
     learning_rate: float = TRAINING_DEFAULT_HYPERS["learning_rate"]

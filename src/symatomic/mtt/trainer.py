@@ -116,7 +116,9 @@ class SymatomicMTTTrainer(TrainerInterface[TrainerHypers]):
         handled by metatrain (which loads the model)
     """
 
-    __checkpoint_version__ = 1
+    #: 2: ``time_limit`` in the training hyper-parameters, ``num_epochs`` may be
+    #: ``None``
+    __checkpoint_version__ = 2
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
@@ -303,8 +305,12 @@ class SymatomicMTTTrainer(TrainerInterface[TrainerHypers]):
     @classmethod
     def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         version = checkpoint.get("trainer_ckpt_version")
-        # no older layout exists yet: add upgrade steps (v → v + 1) here when
-        # __checkpoint_version__ is bumped
+        if version == 1:
+            # 1 → 2: no time limit in older runs
+            hypers = dict(checkpoint.get("train_hypers") or {})
+            hypers.setdefault("time_limit", None)
+            checkpoint["train_hypers"] = hypers
+            checkpoint["trainer_ckpt_version"] = version = 2
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using trainer "

@@ -59,6 +59,15 @@ class DistributedContext:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def broadcast_int(self, value: int) -> int:
+        """The main rank's ``value`` on every rank (plans that depend on timing
+        must agree everywhere)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.long)
+        dist.broadcast(tensor, src=0)
+        return int(tensor[0])
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,12 +29,22 @@ from ..data.structures import Structure
 from ..data.targets import TargetSpec
 from ..files import atomic_write
 from ..model import SymatomicModel
-from ..model_options import backbone_for_data, check_model_hypers
+from ..model_options import auto_candidates, backbone_for_data, check_model_hypers
 from ..plots import ParityData, block_label
+from .budget import (
+    EpochPlanner,
+    Schedule,
+    TimeBudget,
+    epoch_cap,
+    format_duration,
+    median,
+    parse_duration,
+)
 from .calibration import fit_uncertainties
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
+from .probes import MAX_PROBE_VALIDATION, PROBE_SHARE, ProbeResult, choose, table
 
 __all__ = ["Trainer", "TrainingResult", "evaluate_structures", "export_model"]
 
@@ -73,6 +83,19 @@ def _learning_rate_factor(step: int, total_steps: int, hypers: Dict[str, Any]) -
     progress = (step - warmup) / max(1, total_steps - warmup)
     minimum = hypers["min_learning_rate_ratio"]
     return minimum + (1 - minimum) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _loss_scales(
+    model: SymatomicModel, structures: List[Structure], specs: Dict[str, TargetSpec]
+) -> Dict[str, Any]:
+    """The scales of the residuals in the loss: the output scales of the model
+    (for energies with forces, the force scale: forces then dominate, as with the
+    usual force-weighted losses), and the root mean square forces and stress."""
+    scales: Dict[str, Any] = {
+        name: readout.scale.tolist() for name, readout in model.readouts.items()
+    }
+    scales.update(_gradient_scales(structures, specs))
+    return scales
 
 
 def _gradient_scales(
@@ -187,6 +210,13 @@ class Trainer:
     :param progress: show progress bars
     :param parity_plots: write the parity plots of the validation and test sets
         (``parity-<set>-<target>.png``) into ``output_dir`` at the end
+    :param time_limit: seconds the whole run may take, calibration and export
+        included (replaces ``architecture.training.time_limit``; ``num_epochs``
+        is then a cap, see :mod:`symatomic.train.budget`)
+    :param clock: the clock of the time limit (``time.monotonic``; tests pass a
+        fake one)
+    :param started: the clock's value when the run started (by default when
+        :meth:`run` is called; the command line passes its own start)
     """
 
     #: the outcome of the last :meth:`run`
@@ -201,6 +231,9 @@ class Trainer:
         restart: Optional[str] = None,
         progress: bool = True,
         parity_plots: bool = True,
+        time_limit: Optional[float] = None,
+        clock: Callable[[], float] = time.monotonic,
+        started: Optional[float] = None,
     ):
         self.options = options
         self.parity_plots = parity_plots
@@ -215,6 +248,20 @@ class Trainer:
         self.last_epoch: Optional[int] = None
         self.num_epochs: Optional[int] = None
         self.hypers = options["architecture"]["training"]
+        if time_limit is None:
+            time_limit = parse_duration(
+                self.hypers.get("time_limit"), "architecture.training.time_limit"
+            )
+        #: seconds the run may take (``None``: no limit)
+        self.time_limit = time_limit
+        self.clock = clock
+        self.started = started
+        #: the accounts of the run's time (created by :meth:`run`)
+        self.budget = TimeBudget(None, clock)
+        #: whether training batches are randomly rotated (set for each model)
+        self.augmentation = False
+        #: the probes of ``backbone: auto`` with a time limit, if any
+        self.probes: List[ProbeResult] = []
         self.dtype = _dtype(options)
         device_type = options.get("device", "cpu")
         if device_type == "cuda" and not torch.cuda.is_available():
@@ -245,6 +292,13 @@ class Trainer:
         model_hypers = check_model_hypers(architecture["model"])
         finetune = self.hypers["finetune"].get("read_from")
         pretrained = load_checkpoint(finetune) if finetune else None
+        candidates = auto_candidates(model_hypers)
+        if pretrained is None and self.budget.limited and candidates:
+            # backbone: auto with a time limit: short probes on the user's data
+            self.model = self._probe_backbones(data, candidates)
+            self.target_scales = self._fitted_scales
+            self._log_target_scales(data)
+            return
         if pretrained is not None:
             # fine-tuning keeps the backbone of the pretrained model
             backbone = str(pretrained["model_data"]["hypers"]["backbone"])
@@ -267,6 +321,9 @@ class Trainer:
         if pretrained is not None:
             self._load_pretrained(finetune, pretrained)
         self.model.to(device=self.device)
+        self._log_target_scales(data)
+
+    def _log_target_scales(self, data: DataSets) -> None:
         for name, values in self.target_scales.items():
             self._log(
                 "target '%s': residual RMS per atom after the baseline %s %s",
@@ -274,6 +331,153 @@ class Trainer:
                 np.array2string(np.unique(np.round(values, 6))[:6], precision=4),
                 data.targets[name].unit,
             )
+
+    def _probe_backbones(
+        self, data: DataSets, candidates: Dict[str, Dict[str, Any]]
+    ) -> SymatomicModel:
+        """Train every candidate of ``backbone: auto`` for an equal share of the
+        time limit, log the table of their validation errors and return the
+        winner, trained (:mod:`symatomic.train.probes`)."""
+        budget = self.budget
+        budget.charge("setup")
+        specs = dict(data.targets)
+        n_end = self._structures_evaluated_at_end(data)
+        # the end of the run is set aside (estimated from the first probe's steps)
+        share = PROBE_SHARE * max(budget.left(), 0.0) / len(candidates)
+        validation = list(data.validation[:MAX_PROBE_VALIDATION])
+        scored = validation if validation else list(data.train[:MAX_PROBE_VALIDATION])
+        self._log(
+            "backbone: auto with a time limit: probing %s for %s each on %s",
+            ", ".join(candidates),
+            format_duration(share),
+            f"{len(scored)} validation structures"
+            if validation
+            else f"{len(scored)} training structures (no validation set)",
+        )
+        results: List[ProbeResult] = []
+        models: Dict[str, SymatomicModel] = {}
+        scales: Dict[str, Dict[str, List[float]]] = {}
+        for name, hypers in candidates.items():
+            start = budget.clock()
+            torch.manual_seed(self.options["seed"])
+            model = SymatomicModel(
+                hypers, data.atomic_types, data.targets, data.length_unit
+            ).to(dtype=self.dtype)
+            scales[name] = model.fit_output_statistics(data.train)
+            model.to(device=self.device)
+            steps, epochs = self._train_probe(model, data, specs, share, n_end)
+            model.eval()
+            errors = evaluate_structures(
+                model,
+                scored,
+                specs,
+                self.hypers["batch_size"],
+                self.context,
+                self._loss_weights(specs),
+                _loss_scales(model, data.train, specs),
+            )
+            metric = errors.pop("loss", math.inf)
+            if not math.isfinite(metric):
+                metric = math.inf
+            results.append(
+                ProbeResult(
+                    name=name,
+                    parameters=sum(p.numel() for p in model.parameters()),
+                    steps=steps,
+                    epochs=epochs,
+                    seconds=budget.clock() - start,
+                    metric=metric,
+                    errors={
+                        k: v for k, v in errors.items() if not k.startswith("mae:")
+                    },
+                )
+            )
+            models[name] = model
+        budget.charge("probes")
+        winner = choose(results)
+        self._log("probes (validation RMSE in the targets' units):")
+        for line in table(results, _display_keys(specs)):
+            self._log(line)
+        self._log(
+            "backbone: auto -> %s (lowest validation loss after the probes); it "
+            "continues from its probe's weights",
+            winner.name,
+        )
+        self._fitted_scales = scales[winner.name]
+        self.probes = results
+        return models[winner.name]
+
+    def _train_probe(
+        self,
+        model: SymatomicModel,
+        data: DataSets,
+        specs: Dict[str, TargetSpec],
+        seconds: float,
+        n_end: int,
+    ) -> Tuple[int, float]:
+        """Train ``model`` for ``seconds`` (its evaluation included) with a warm-up
+        and cosine schedule planned in optimizer steps; returns the steps and
+        epochs done."""
+        hypers = self.hypers
+        batch_size = hypers["batch_size"]
+        n_train = len(data.train)
+        steps_per_epoch = max(1, math.ceil(n_train / batch_size))
+        probe_budget = TimeBudget(seconds, self.clock)
+        schedule = Schedule(1, 10**9)
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=hypers["learning_rate"],
+            weight_decay=hypers["weight_decay"],
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: _learning_rate_factor(step, schedule.total_steps, hypers),
+        )
+        weights = self._loss_weights(specs)
+        loss_scales = _loss_scales(model, data.train, specs)
+        with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
+        augmentation = self.hypers["augmentation"]
+        previous = self.augmentation
+        self.augmentation = (
+            (not model.exactly_equivariant) if augmentation == "auto" else augmentation
+        )
+        n_scored = min(len(data.validation) or n_train, MAX_PROBE_VALIDATION)
+        step_seconds: List[float] = []
+        seed = self.options["seed"]
+        step = 0
+        model.train()
+        try:
+            while step < schedule.total_steps:
+                epoch, position = divmod(step, steps_per_epoch)
+                order = np.random.default_rng(seed * _MIX + epoch).permutation(n_train)
+                chunk = order[position * batch_size : (position + 1) * batch_size]
+                start = self.clock()
+                self._train_step(
+                    chunk.tolist(),
+                    epoch,
+                    position,
+                    optimizer,
+                    weights,
+                    loss_scales,
+                    with_gradients,
+                    ErrorAccumulator(specs),
+                    model=model,
+                )
+                scheduler.step()
+                step_seconds.append(self.clock() - start)
+                step += 1
+                if step == EpochPlanner.PLAN_AFTER_STEPS or step % steps_per_epoch == 0:
+                    # steps that fit, with the evaluation of the probe set aside
+                    recent = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
+                    per_step = median(recent[-20:])
+                    evaluation = 0.5 * per_step / batch_size * n_scored
+                    planned = probe_budget.plan_epochs(
+                        step, 10**9, per_step, evaluation, minimum=1
+                    )
+                    schedule.epochs = self.context.broadcast_int(planned)
+        finally:
+            self.augmentation = previous
+        return step, step / steps_per_epoch
 
     def _load_pretrained(self, path: str, pretrained: Dict[str, Any]) -> None:
         """Start from the (best) weights of another checkpoint: the backbone must
@@ -331,8 +535,15 @@ class Trainer:
         :param checkpoint: the training state to resume from (the keys written by this
             trainer); by default the ``restart`` checkpoint, if any
         """
+        used_before = 0.0
         if checkpoint is None and self.restart:
             checkpoint = load_checkpoint(self.restart)
+        if checkpoint is not None and self.time_limit is not None:
+            # a resumed run continues the budget of the run it resumes
+            used_before = float(checkpoint.get("time_used", 0.0))
+        self.budget = TimeBudget(
+            self.time_limit, self.clock, self.started, used_before=used_before
+        )
         if data is None:
             data = self._load_data(checkpoint)
         self.data = data
@@ -436,6 +647,7 @@ class Trainer:
                 [(b.o3_lambda, b.o3_sigma) for b in spec.blocks],
                 f", with {' and '.join(gradients)}" if gradients else "",
             )
+        self.specs = dict(data.targets)
         self._setup_model(data, checkpoint)
         model = self.model
         missing = sorted(set(data.targets) - set(model.target_specs))
@@ -463,13 +675,7 @@ class Trainer:
         if checkpoint is not None:
             loss_scales = checkpoint["loss_scales"]
         else:
-            # residuals are measured in units of the output scales of the model
-            # (for energies with forces, the force scale: forces then dominate,
-            # as with the usual force-weighted losses)
-            loss_scales = {
-                name: readout.scale.tolist() for name, readout in model.readouts.items()
-            }
-            loss_scales.update(_gradient_scales(data.train, specs))
+            loss_scales = _loss_scales(model, data.train, specs)
 
         hypers = self.hypers
         optimizer = torch.optim.AdamW(
@@ -480,9 +686,15 @@ class Trainer:
         n_train = len(data.train)
         batch_size = hypers["batch_size"]
         steps_per_epoch = max(1, math.ceil(n_train / batch_size))
-        total_steps = steps_per_epoch * hypers["num_epochs"]
+        cap = epoch_cap(hypers["num_epochs"], self.budget.limited)
+        # the schedule's length: num_epochs, or what fits in the time limit
+        # (re-planned as the run measures itself)
+        schedule = Schedule(steps_per_epoch, cap)
+        if checkpoint is not None and self.budget.limited:
+            schedule.epochs = min(cap, int(checkpoint.get("planned_epochs", cap)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _learning_rate_factor(step, total_steps, hypers)
+            optimizer,
+            lambda step: _learning_rate_factor(step, schedule.total_steps, hypers),
         )
 
         start_epoch = 0
@@ -499,7 +711,12 @@ class Trainer:
             best_epoch = checkpoint["best_epoch"]
             best_state = checkpoint["best_model_state_dict"]
             history = list(checkpoint.get("history", []))
-            if start_epoch >= hypers["num_epochs"]:
+            finished = start_epoch >= cap or (
+                self.budget.limited
+                and start_epoch >= int(checkpoint.get("planned_epochs", cap))
+                and bool(checkpoint.get("time_used"))
+            )
+            if finished:
                 source = self.restart or "the given training state"
                 exported = os.path.join(
                     os.path.dirname(self.restart or "") or ".", "model.pt"
@@ -513,8 +730,9 @@ class Trainer:
                     )
                 raise ValueError(
                     f"checkpoint '{source}' already finished its {start_epoch} "
-                    f"epoch(s) of {hypers['num_epochs']}: {done}; to train further "
+                    f"epoch(s) of {schedule.epochs}: {done}; to train further "
                     f"pass --epochs N with N > {start_epoch}"
+                    + (" and a larger --time-limit" if self.budget.limited else "")
                 )
             self._log(
                 "resuming from epoch %d of %s",
@@ -525,18 +743,7 @@ class Trainer:
         if self.context.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
         best_path = os.path.join(self.output_dir, "model.ckpt")
-        weights = {name: float(hypers["loss_weights"].get(name, 1.0)) for name in specs}
-        unknown = set(hypers["loss_weights"]) - set(specs)
-        if unknown:
-            raise ValueError(
-                f"architecture.training.loss_weights: {sorted(unknown)} are not targets "
-                f"({sorted(specs)})"
-            )
-        for name, spec in specs.items():
-            if spec.has_forces:
-                weights[name + "/forces"] = hypers["forces_weight"]
-            if spec.has_stress:
-                weights[name + "/stress"] = hypers["stress_weight"]
+        weights = self._loss_weights(specs)
         train_with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
         symmetric = bool(self.model.exactly_equivariant)
         augmentation = self.hypers["augmentation"]
@@ -550,14 +757,46 @@ class Trainer:
             )
 
         seed = self.options["seed"]
-        self.num_epochs = hypers["num_epochs"]
+        self.num_epochs = schedule.epochs
         if checkpoint is not None:
             self.last_epoch = start_epoch
         self.stage = "training"
+        budget = self.budget
+        budget.charge("setup")
+        planner = EpochPlanner(
+            budget,
+            schedule,
+            cap,
+            start_epoch,
+            n_evaluated_at_end=self._structures_evaluated_at_end(data),
+            n_validation=len(data.validation),
+            batch_size=batch_size,
+            broadcast=self.context.broadcast_int,
+        )
+        if budget.limited:
+            self._log(
+                "time limit %s: %s left for training, calibration and export%s",
+                format_duration(budget.limit),
+                format_duration(max(budget.left(), 0.0)),
+                f" (at most {cap} epochs)" if hypers["num_epochs"] is not None else "",
+            )
         durations: List[float] = []
-        for epoch in range(start_epoch, hypers["num_epochs"]):
+        epoch = start_epoch
+        epoch_start = budget.clock()
+        while True:
+            if epoch > start_epoch:
+                # the plan: how many epochs fit in the time left
+                planner.after_epoch(epoch, budget.clock() - epoch_start)
+                self.num_epochs = schedule.epochs
+            if epoch >= schedule.epochs:
+                break
             start_time = time.perf_counter()
-            left = _time_left(durations, hypers["num_epochs"] - epoch)
+            epoch_start = budget.clock()
+            left = _time_left(durations, schedule.epochs - epoch)
+            if budget.limited:
+                left = (
+                    f" ({format_duration(max(budget.left(), 0.0))} of the limit left)"
+                )
             model.train()
             order = (
                 np.random.default_rng(seed * _MIX + epoch).permutation(n_train).tolist()
@@ -565,7 +804,7 @@ class Trainer:
             epoch_loss = 0.0
             bar = tqdm(
                 range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{hypers['num_epochs']}{left}",
+                desc=f"epoch {epoch + 1}/{schedule.epochs}{left}",
                 disable=not (self.progress and self.context.is_main),
                 leave=False,
                 file=sys.stderr,
@@ -574,6 +813,7 @@ class Trainer:
             )
             train_errors = ErrorAccumulator(specs)
             for step in bar:
+                step_start = budget.clock()
                 global_chunk = order[step * batch_size : (step + 1) * batch_size]
                 loss_value = self._train_step(
                     global_chunk,
@@ -588,7 +828,10 @@ class Trainer:
                 scheduler.step()
                 epoch_loss += loss_value
                 bar.set_postfix(loss=f"{loss_value:.4g}")
+                if planner.after_step(budget.clock() - step_start):
+                    bar.set_description(f"epoch {epoch + 1}/{schedule.epochs}{left}")
             bar.close()
+            budget.charge("training")
             train_errors.reduce(self.context)
             record: Dict[str, float] = {
                 "epoch": epoch + 1,
@@ -598,7 +841,7 @@ class Trainer:
             record.update({"train:" + k: v for k, v in train_errors.rmse().items()})
 
             validate = (epoch + 1) % hypers["validation_interval"] == 0 or (
-                epoch + 1 == hypers["num_epochs"]
+                epoch + 1 >= schedule.epochs
             )
             if validate and data.validation:
                 model.eval()
@@ -611,6 +854,7 @@ class Trainer:
                     weights,
                     loss_scales,
                 )
+                planner.validated(budget.charge("validation"))
                 record.update({"val:" + k: v for k, v in errors.items()})
                 metric = errors["loss"]
             elif validate:
@@ -623,13 +867,17 @@ class Trainer:
                 best_state = copy.deepcopy(model.state_dict())
             record["time"] = time.perf_counter() - start_time
             durations.append(record["time"])
-            record["time_left"] = _seconds_left(
-                durations, hypers["num_epochs"] - epoch - 1
+            record["time_left"] = (
+                max(budget.left(), 0.0)
+                if budget.limited
+                else _seconds_left(durations, schedule.epochs - epoch - 1)
             )
+            if budget.limited:
+                record["planned_epochs"] = schedule.epochs
             history.append(record)
             if self.context.is_main and (
                 (epoch + 1) % hypers["log_interval"] == 0
-                or epoch + 1 == hypers["num_epochs"]
+                or epoch + 1 >= schedule.epochs
             ):
                 LOGGER.info(self._format_record(record, specs, data.length_unit))
 
@@ -646,10 +894,14 @@ class Trainer:
                 "options": self.options,
                 "split_indices": data.indices,
                 "history": history,
+                "planned_epochs": schedule.epochs,
+                "time_used": budget.elapsed() if budget.limited else 0.0,
             }
             if self.context.is_main:
                 self._save_epoch(checkpoint_data, epoch, best_epoch == epoch)
             self.context.barrier()
+            budget.charge("checkpoints")
+            epoch += 1
 
         # final evaluation with the best model
         self.stage = "finishing"
@@ -661,6 +913,7 @@ class Trainer:
                 checkpoint_data = dict(
                     checkpoint_data, best_model_state_dict=best_state
                 )
+            self.budget.charge("calibration")
         # a single process gathers the values of the parity plots on the way
         gather = self.parity_plots and self.context.is_main and not self.context.enabled
         parity = {"validation": ParityData(), "test": ParityData()}
@@ -690,6 +943,7 @@ class Trainer:
             if data.test
             else {}
         )
+        self.budget.charge("final evaluation")
         if checkpoint_data is None:  # no epoch to run: the fitted baselines only
             checkpoint_data = {
                 "model_data": model.model_data(),
@@ -704,14 +958,26 @@ class Trainer:
                 "options": self.options,
                 "split_indices": data.indices,
                 "history": history,
+                "planned_epochs": schedule.epochs,
+                "time_used": self.budget.elapsed() if self.budget.limited else 0.0,
             }
         exported = None
         plots: List[str] = []
         if self.context.is_main:
             exported = self._finish(checkpoint_data)
+            self.budget.charge("export")
             plots = self._parity_plots(data, specs, batch_size, parity, gather)
+            if plots:
+                self.budget.charge("plots")
         self.context.barrier()
         self.stage = "done"
+        self._log(
+            "time%s: %s",
+            f" (limit {format_duration(self.budget.limit)})"
+            if self.budget.limited
+            else "",
+            self.budget.summary(),
+        )
         self.result = TrainingResult(
             output_dir=self.output_dir,
             checkpoint=best_path,
@@ -722,6 +988,32 @@ class Trainer:
             history=history,
             plots=plots,
         )
+
+    def _loss_weights(self, specs: Dict[str, TargetSpec]) -> Dict[str, float]:
+        """Weight of every loss term: targets, their forces and stress."""
+        hypers = self.hypers
+        weights = {name: float(hypers["loss_weights"].get(name, 1.0)) for name in specs}
+        unknown = set(hypers["loss_weights"]) - set(specs)
+        if unknown:
+            raise ValueError(
+                f"architecture.training.loss_weights: {sorted(unknown)} are not targets "
+                f"({sorted(specs)})"
+            )
+        for name, spec in specs.items():
+            if spec.has_forces:
+                weights[name + "/forces"] = hypers["forces_weight"]
+            if spec.has_stress:
+                weights[name + "/stress"] = hypers["stress_weight"]
+        return weights
+
+    def _structures_evaluated_at_end(self, data: DataSets) -> int:
+        """Structures evaluated after the last epoch: the final validation and
+        test errors and, with uncertainties, the calibration's passes over the
+        training and validation sets."""
+        count = len(data.validation) + len(data.test)
+        if self.hypers["uncertainty"]:
+            count += len(data.train) + len(data.validation)
+        return count
 
     # ------------------------------------------------------------------ hooks
     def _save_epoch(
@@ -836,8 +1128,10 @@ class Trainer:
         loss_scales: Dict[str, Any],
         with_gradients: bool,
         errors: ErrorAccumulator,
+        model: Optional[SymatomicModel] = None,
     ) -> float:
-        model = self.model
+        if model is None:
+            model = self.model
         specs = self.specs
         optimizer.zero_grad(set_to_none=False)
         generator = torch.Generator().manual_seed(

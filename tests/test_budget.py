@@ -1,0 +1,259 @@
+"""Training within a time limit: durations, the planner on a fake clock, the probes of
+``backbone: auto`` (deterministic for a seed), and resume."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_options
+from symatomic.cli import main
+from symatomic.options import check_options, check_training_hypers
+from symatomic.train import Trainer, load_checkpoint
+from symatomic.train.budget import (
+    EpochPlanner,
+    Schedule,
+    TimeBudget,
+    epoch_cap,
+    parse_duration,
+)
+from symatomic.train.probes import ProbeResult, choose
+
+TARGETS = {
+    "energy": {"key": "energy", "unit": "eV"},
+    "mtt::dipole": {
+        "key": "dipole",
+        "type": {"cartesian": {"rank": 1}},
+        "unit": "e*Angstrom",
+    },
+}
+
+
+class FakeClock:
+    """A clock that advances ``tick`` seconds every time it is read: the trainer's
+    timings then depend on what it does, not on the machine."""
+
+    def __init__(self, tick: float = 1.0):
+        self.now = 1000.0
+        self.tick = tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90.0
+    assert parse_duration("10m") == 600.0
+    assert parse_duration("10min") == 600.0
+    assert parse_duration("1.5h") == 5400.0
+    assert parse_duration("1h30m") == 5400.0
+    assert parse_duration("1h 30m") == 5400.0
+    assert parse_duration(45) == 45.0
+    assert parse_duration("45") == 45.0
+    assert parse_duration(None) is None and parse_duration("none") is None
+    for bad in ("ten minutes", "10 parsecs", "m10", "-5m", 0, -1, True, [1]):
+        with pytest.raises(ValueError, match="--time-limit"):
+            parse_duration(bad, "--time-limit")
+    assert check_training_hypers({"time_limit": "5m"})["time_limit"] == "5m"
+    with pytest.raises(ValueError, match="architecture.training.time_limit"):
+        check_training_hypers({"time_limit": "soon"})
+    assert epoch_cap(None, False) == 100 and epoch_cap(7, True) == 7
+    assert epoch_cap(None, True) > 10**6
+
+
+def test_plan_epochs_fits_the_limit():
+    clock = FakeClock(tick=0.0)
+    budget = TimeBudget(100.0, clock)
+    clock.now += 20.0  # 80 s left
+    # 3 % kept free, 10 s for the end: (77.6 - 10) // 6 = 11 more epochs
+    assert budget.plan_epochs(2, 1000, 6.0, 10.0) == 13
+    assert budget.plan_epochs(2, 5, 6.0, 10.0) == 5  # the cap
+    # nothing fits: at least the minimum, never fewer than done
+    assert budget.plan_epochs(0, 1000, 500.0, 10.0) == 1
+    assert budget.plan_epochs(4, 1000, 500.0, 10.0, minimum=1) == 4
+    unlimited = TimeBudget(None, clock)
+    assert unlimited.plan_epochs(0, 42, 1e9, 1e9) == 42
+    assert math.isinf(unlimited.left())
+
+
+def test_planner_replans_from_measured_times():
+    clock = FakeClock(tick=0.0)
+    budget = TimeBudget(300.0, clock)
+    schedule = Schedule(steps_per_epoch=10, epochs=10**9)
+    planner = EpochPlanner(
+        budget,
+        schedule,
+        cap=10**9,
+        start_epoch=0,
+        n_evaluated_at_end=40,
+        n_validation=20,
+        batch_size=8,
+    )
+    # the first step warms up (slow); the plan is made after the third
+    durations = [5.0, 1.0, 1.0]
+    changed = []
+    for seconds in durations:
+        clock.now += seconds
+        changed.append(planner.after_step(seconds))
+    assert changed == [False, False, True]
+    # an epoch: 10 steps of 1 s plus 20 validation structures at 0.5/8 s each
+    # (1.25 s); the end: 40 structures (2.5 s) + export; 293 s left
+    finish = 40 * 0.5 / 8 + TimeBudget.EXPORT_SECONDS
+    expected = int((293.0 * (1 - TimeBudget.SAFETY) - finish) // 11.25)
+    assert schedule.epochs == expected
+    # measured epochs longer than planned: the plan shrinks
+    planner.validated(4.0)
+    clock.now += 150.0
+    planner.after_epoch(1, 150.0)
+    assert schedule.epochs < expected
+    left = budget.left() * (1 - TimeBudget.SAFETY) - planner.finish_seconds()
+    assert schedule.epochs == max(1, 1 + int(left // 150.0))
+
+
+def _timed_options(path, **training):
+    training.setdefault("num_epochs", None)
+    return check_options(tiny_options(path, TARGETS, **training))
+
+
+def test_time_limited_run_ends_within_the_limit(synthetic_file, tmp_path):
+    clock = FakeClock(tick=0.05)
+    options = _timed_options(synthetic_file, time_limit="60s", uncertainty=False)
+    trainer = Trainer(options, str(tmp_path / "run"), progress=False, clock=clock)
+    result = trainer.run()
+    budget = trainer.budget
+    assert budget.elapsed() <= 60.0
+    epochs = len(result.history)
+    assert epochs >= 2
+    # the schedule was planned for the epochs that ran: it ends at its minimum
+    planned = [record["planned_epochs"] for record in result.history]
+    assert planned[-1] == epochs
+    last_rate = result.history[-1]["learning_rate"]
+    minimum = options["architecture"]["training"]["min_learning_rate_ratio"]
+    assert last_rate == pytest.approx(
+        minimum * options["architecture"]["training"]["learning_rate"], rel=0.2
+    )
+    for activity in ("setup", "training", "validation", "export"):
+        assert activity in budget.spent
+    # the same fake clock gives the same plan
+    again = Trainer(
+        options, str(tmp_path / "again"), progress=False, clock=FakeClock(tick=0.05)
+    ).run()
+    assert len(again.history) == epochs
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in result.history]
+
+
+def test_num_epochs_caps_a_time_limit(synthetic_file, tmp_path):
+    options = _timed_options(
+        synthetic_file, time_limit="1h", num_epochs=2, uncertainty=False
+    )
+    result = Trainer(
+        options, str(tmp_path / "run"), progress=False, clock=FakeClock(0.01)
+    ).run()
+    assert len(result.history) == 2
+
+
+def test_time_limited_run_resumes_with_its_budget(synthetic_file, tmp_path):
+    options = _timed_options(synthetic_file, time_limit="60s", uncertainty=False)
+    first = Trainer(
+        options, str(tmp_path / "first"), progress=False, clock=FakeClock(0.05)
+    )
+    first.run()
+    saved = load_checkpoint(str(tmp_path / "first" / "last.ckpt"))
+    assert 0 < saved["time_used"] <= 60.0
+    assert saved["planned_epochs"] == saved["epoch"] + 1
+    # an interrupted run: the checkpoint of an earlier epoch, resumed with the
+    # rest of the budget (it finishes the plan, and at least one more epoch)
+    saved["epoch"] = 0
+    saved["history"] = saved["history"][:1]
+    resumed = Trainer(
+        options,
+        str(tmp_path / "resumed"),
+        progress=False,
+        clock=FakeClock(0.05),
+    )
+    result = resumed.run(checkpoint=saved)
+    assert len(result.history) >= 2
+    assert resumed.budget.used_before == pytest.approx(saved["time_used"])
+    assert resumed.budget.elapsed() <= 60.0 + 5.0
+    # a finished time-limited run can not be resumed without more time or epochs
+    with pytest.raises(ValueError, match="already finished"):
+        Trainer(
+            options, str(tmp_path / "again"), progress=False, clock=FakeClock(0.05)
+        ).run(checkpoint=load_checkpoint(str(tmp_path / "first" / "last.ckpt")))
+
+
+def test_choose_lowest_validation_loss_first_on_ties():
+    def result(name, metric):
+        return ProbeResult(name, 1, 1, 1.0, 1.0, metric)
+
+    assert choose([result("a", 2.0), result("b", 1.0), result("c", 3.0)]).name == "b"
+    assert choose([result("a", 1.0), result("b", 1.0)]).name == "a"
+    assert choose([result("a", math.nan), result("b", 5.0)]).name == "b"
+    with pytest.raises(ValueError):
+        choose([])
+
+
+def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
+    """backbone: auto with a time limit probes every candidate on the same data;
+    with the same seed and the same (fake) clock, the same table and winner."""
+    options = check_options(
+        {
+            "seed": 3,
+            "base_precision": 64,
+            "architecture": {
+                "name": "pet",
+                "model": {},
+                "training": {
+                    "batch_size": 8,
+                    "learning_rate": 3e-3,
+                    "time_limit": "20s",
+                    "uncertainty": False,
+                },
+            },
+            "training_set": {
+                "systems": {"read_from": synthetic_file},
+                "targets": TARGETS,
+            },
+            "validation_set": 0.25,
+            "test_set": 0.0,
+        }
+    )
+    tables = []
+    for run in ("a", "b"):
+        trainer = Trainer(
+            options, str(tmp_path / run), progress=False, clock=FakeClock(0.2)
+        )
+        trainer.run()
+        assert [p.name for p in trainer.probes] == ["soap", "pet-small", "pet"]
+        winner = choose(trainer.probes)
+        assert trainer.model.hypers["backbone"] == (
+            "soap" if winner.name == "soap" else "pet"
+        )
+        assert all(p.steps >= 1 and math.isfinite(p.metric) for p in trainer.probes)
+        tables.append([(p.name, p.steps, p.metric) for p in trainer.probes])
+    assert tables[0] == tables[1]
+
+
+def test_cli_time_limit(synthetic_file, tmp_path, capsys):
+    import yaml
+
+    options = tiny_options(synthetic_file, TARGETS, epochs=3)
+    options["architecture"]["training"]["uncertainty"] = False
+    path = tmp_path / "options.yaml"
+    path.write_text(yaml.safe_dump(options))
+    assert (
+        main(["train", str(path), "--time-limit", "soon", "-o", str(tmp_path / "x")])
+        == 1
+    )
+    assert "--time-limit" in capsys.readouterr().err
+    output = tmp_path / "run"
+    code = main(
+        ["train", str(path), "--time-limit", "10m", "-o", str(output), "--no-progress"]
+    )
+    assert code == 0
+    log = (output / "train.log").read_text()
+    assert "time limit 10 min" in log and "of the 600 s limit" in log
+    saved = load_checkpoint(str(output / "last.ckpt"))
+    assert saved["options"]["architecture"]["training"]["time_limit"] == "10m"
+    assert torch.is_tensor(next(iter(saved["model_state_dict"].values())))
