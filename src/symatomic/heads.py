@@ -4,7 +4,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["DirectHead", "PooledHead", "pool_pairs"]
+__all__ = [
+    "LAST_LAYER_INIT",
+    "DirectHead",
+    "PooledHead",
+    "pool_pairs",
+    "shrink_last_layer",
+]
 
 
 class DirectHead(torch.nn.Module):
@@ -79,6 +85,12 @@ class DirectHead(torch.nn.Module):
             nodes.shape[0], edge_part.shape[1], dtype=nodes.dtype, device=nodes.device
         ).index_add(0, centers, edge_part * fc.unsqueeze(1))
         return torch.cat([node_part, ones, pooled], dim=1)
+
+    def start_small(self) -> None:
+        """Shrink the last layers before training (:func:`shrink_last_layer`): the head's
+        outputs start small, and the model predicts about its baselines."""
+        shrink_last_layer(self.node_last)
+        shrink_last_layer(self.edge_last)
 
     def last_layer_weights(self) -> torch.Tensor:
         """``(2 d_head + 2, n_outputs)``: the weights and biases of the two last
@@ -158,10 +170,26 @@ class PooledHead(torch.nn.Module):
         hidden = self.mlp[3](self.mlp[2](hidden))
         return torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)
 
+    def start_small(self) -> None:
+        """Shrink the last layer before training (:func:`shrink_last_layer`)."""
+        shrink_last_layer(self.mlp[4])
+
     def last_layer_weights(self) -> torch.Tensor:
         """``(d_head + 1, n_outputs)``: weights and bias of the last layer."""
         last = self.mlp[4]
         return torch.cat([last.weight.T, last.bias.unsqueeze(0)], dim=0)
+
+
+#: a head's last layers start (:meth:`DirectHead.start_small`) with PyTorch's
+#: default weights times this factor and zero biases
+LAST_LAYER_INIT = 0.1
+
+
+def shrink_last_layer(layer: torch.nn.Linear) -> None:
+    """Scale a last layer's weights by :data:`LAST_LAYER_INIT` and zero its bias."""
+    with torch.no_grad():
+        layer.weight.mul_(LAST_LAYER_INIT)
+        layer.bias.zero_()
 
 
 def pool_pairs(

@@ -831,6 +831,19 @@ class SymatomicModel(torch.nn.Module):
         """:func:`symatomic.statistics.fit_output_statistics` of this model."""
         return fit_output_statistics(self, structures)
 
+    def start_heads_small(self, names: Optional[List[str]] = None) -> None:
+        """Before training: shrink the last layers of the heads of ``names`` (all
+        targets by default) to :data:`~symatomic.heads.LAST_LAYER_INIT` of their
+        initialization, biases zero. With the pair sums divided by the average
+        number of neighbors (:func:`fit_output_statistics`), the untrained model
+        then predicts about its composition baselines, in a dense liquid as in a
+        small molecule, and the first steps do not spend themselves on a random
+        offset of ~1 eV per atom. (Models built for tests of symmetry or
+        smoothness keep PyTorch's initialization: their outputs are not small.)"""
+        for name, readout in self.readouts.items():
+            if names is None or name in names:
+                readout.head.start_small()
+
     # ------------------------------------------------------------------ export
     def capabilities(self) -> ModelCapabilities:
         """The metatomic capabilities of this model (outputs, types, range, units)."""

@@ -139,6 +139,11 @@ class TargetReadout(torch.nn.Module):
             self.head = DirectHead(d_node, d_edge, int(hypers["d_head"]), n_flat)
         self.register_buffer("scale", torch.ones(n_flat))
         self.register_buffer("baseline", torch.zeros(n_species, n_flat))
+        #: ``1 / N_avg``: sums over an atom's pairs in the heads are divided by
+        #: the average (cutoff-weighted) number of neighbors of the training set,
+        #: so that outputs and their updates do not grow with the density (dense
+        #: liquids have ~40 neighbors per atom, small molecules 2-8)
+        self.register_buffer("pair_normalization", torch.ones(()))
         #: whether the outputs are linear in last-layer weights whose features
         #: :meth:`last_layer_features` gives (every head: invariant targets,
         #: scalar-basis heads, and direct heads of covariant targets, whose
@@ -205,10 +210,13 @@ class TargetReadout(torch.nn.Module):
             and atom_fc is not None
             and centers is not None
         ):
-            raw = self.head(atom_nodes, atom_edges, atom_fc, centers)
+            raw = self.head(atom_nodes, atom_edges, self._pairs(atom_fc), centers)
             return raw * self.scale + self.baseline.index_select(0, species)
         raw = self.head(
-            features.nodes, features.edges, features.fc, features.edge_owners
+            features.nodes,
+            features.edges,
+            self._pairs(features.fc),
+            features.edge_owners,
         )
         if features.symmetrized:
             blocks = self.split_blocks(raw)
@@ -243,9 +251,9 @@ class TargetReadout(torch.nn.Module):
         pooled: Optional[torch.Tensor],
     ) -> torch.Tensor:
         nodes, edges, fc, centers = basis_inputs(features)
-        coefficients = self.head(nodes, edges, fc, centers, pooled).split(
-            self.coefficient_sizes, dim=1
-        )
+        coefficients = self.head(
+            nodes, edges, self._pairs(fc), centers, self._pooled(pooled)
+        ).split(self.coefficient_sizes, dim=1)
         blocks: List[torch.Tensor] = []
         for index, head in enumerate(self.basis_heads):
             block = head(
@@ -284,7 +292,9 @@ class TargetReadout(torch.nn.Module):
         """
         if self.uses_basis:
             nodes, edges, fc, centers = basis_inputs(features)
-            z = self.head.last_layer_features(nodes, edges, fc, centers, pooled)
+            z = self.head.last_layer_features(
+                nodes, edges, self._pairs(fc), centers, self._pooled(pooled)
+            )
             per_block: List[torch.Tensor] = []
             for head in self.basis_heads:
                 basis = head.compute_basis(
@@ -305,10 +315,15 @@ class TargetReadout(torch.nn.Module):
             and atom_fc is not None
             and centers is not None
         ):
-            z = self.head.last_layer_features(atom_nodes, atom_edges, atom_fc, centers)
+            z = self.head.last_layer_features(
+                atom_nodes, atom_edges, self._pairs(atom_fc), centers
+            )
         else:
             z = self.head.last_layer_features(
-                features.nodes, features.edges, features.fc, features.edge_owners
+                features.nodes,
+                features.edges,
+                self._pairs(features.fc),
+                features.edge_owners,
             )
             if features.symmetrized:
                 weighted = z * features.owner_weights.unsqueeze(1)
@@ -325,7 +340,10 @@ class TargetReadout(torch.nn.Module):
         improper: torch.Tensor,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         z = self.head.last_layer_features(
-            features.nodes, features.edges, features.fc, features.edge_owners
+            features.nodes,
+            features.edges,
+            self._pairs(features.fc),
+            features.edge_owners,
         )
         n_owners = z.shape[0]
         per_block: List[torch.Tensor] = []
@@ -365,6 +383,17 @@ class TargetReadout(torch.nn.Module):
                 n_atoms, z.shape[1], dtype=z.dtype, device=z.device
             ).index_add(0, features.owner_atoms, weighted)
         return z, per_block
+
+    def _pairs(self, fc: torch.Tensor) -> torch.Tensor:
+        """The weights of the pair sums of the heads: ``fc / N_avg``."""
+        return fc * self.pair_normalization.to(fc.dtype)
+
+    def _pooled(self, pooled: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The model's :func:`~symatomic.heads.pool_pairs` (``Σ_j fc e_ij``), divided
+        by ``N_avg`` like every pair sum of the heads."""
+        if pooled is None:
+            return None
+        return pooled * self.pair_normalization.to(pooled.dtype)
 
     @torch.jit.export
     def from_last_layer(self, z: torch.Tensor, species: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,41 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-__all__ = ["fit_output_statistics"]
+from .smooth import cutoff_function
+
+__all__ = ["average_neighbors", "fit_output_statistics"]
+
+
+def average_neighbors(
+    structures: Sequence[Any], cutoff: float, cutoff_width: float
+) -> float:
+    """The average over atoms of ``Σ_j fc(r_ij)``, the cutoff-weighted number of
+    neighbors (at least 1).
+
+    :param structures: structures with neighbor lists
+        (:class:`symatomic.data.Structure`)
+    :param cutoff: the model's cutoff (length unit of the structures)
+    :param cutoff_width: width of the smooth cutoff
+    """
+    total = 0.0
+    n_atoms = 0
+    for structure in structures:
+        n_atoms += len(structure)
+        if structure.centers is None or structure.centers.numel() == 0:
+            continue
+        distances = torch.linalg.vector_norm(structure.pair_vectors(), dim=1)
+        total += float(cutoff_function(distances, cutoff, cutoff_width).sum())
+    if n_atoms == 0:
+        return 1.0
+    return max(total / n_atoms, 1.0)
 
 
 def fit_output_statistics(
     model: Any, structures: Sequence[Any]
 ) -> Dict[str, List[float]]:
-    """Fit composition baselines and scales of every target on training data.
+    """Fit composition baselines and scales of every target on training data, and
+    the normalization of the heads' pair sums (``1 / N_avg``, with ``N_avg`` the
+    :func:`average_neighbors` of the training set).
 
     Baselines: per-species contributions to invariant (λ=0, σ=+1) blocks, by least
     squares over structures (per-structure targets) or per-species means
@@ -27,6 +55,11 @@ def fit_output_statistics(
     n_species = len(model.atomic_types)
     index = {t: i for i, t in enumerate(model.atomic_types)}
     report: Dict[str, List[float]] = {}
+    neighbors = average_neighbors(
+        structures, model.cutoff, float(model.hypers["cutoff_width"])
+    )
+    for readout in model.readouts.values():
+        readout.pair_normalization.fill_(1.0 / neighbors)
     for name, spec in model.target_specs.items():
         readout = model.readouts[name]
         baseline = torch.zeros_like(readout.baseline, dtype=torch.float64)

@@ -58,7 +58,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
     #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
     #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
-    __checkpoint_version__ = 6
+    __checkpoint_version__ = 7
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -353,6 +353,12 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             model_data["model_hypers"] = hypers
             checkpoint["model_data"] = model_data
             checkpoint["model_ckpt_version"] = version = 6
+        if version == 6:
+            # version 7 divides the heads' pair sums by the average number of
+            # neighbors: the weights of older models get pair_normalization 1 when
+            # they are loaded (symatomic's checkpoint version 5 step)
+            checkpoint = dict(checkpoint)
+            checkpoint["model_ckpt_version"] = version = 7
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

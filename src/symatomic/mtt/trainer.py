@@ -69,14 +69,20 @@ class _Run(Trainer):
         if unfitted:
             # fit every target, then keep the statistics of those already fitted
             saved = {
-                name: (readout.baseline.clone(), readout.scale.clone())
+                name: (
+                    readout.baseline.clone(),
+                    readout.scale.clone(),
+                    readout.pair_normalization.clone(),
+                )
                 for name, readout in model.readouts.items()
                 if name in self.mtt_model.fitted_targets
             }
             model.fit_output_statistics(data.train)
-            for name, (baseline, scale) in saved.items():
+            for name, (baseline, scale, normalization) in saved.items():
                 model.readouts[name].baseline.copy_(baseline)
                 model.readouts[name].scale.copy_(scale)
+                model.readouts[name].pair_normalization.copy_(normalization)
+            model.start_heads_small(unfitted)
             self.mtt_model.fitted_targets.extend(unfitted)
             self._log("fitted baselines and scales of %s", unfitted)
         model.to(device=self.device)

@@ -27,8 +27,10 @@ CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: 3: explicit ``backbone``, ``tensor_heads``, ``basis_hidden`` and ``soap`` in the
 #: model hyper-parameters, whose defaults became ``auto``; 4: ``edge_inputs`` and the
 #: ``density_*`` options of PET's invariant edge inputs, which became the default,
-#: and ECSE's ``collinear_penalty``, null before)
-CHECKPOINT_VERSION = 4
+#: and ECSE's ``collinear_penalty``, null before; 5: ``pair_normalization`` of
+#: every read-out, the heads' pair sums divided by the average number of
+#: neighbors, 1 before)
+CHECKPOINT_VERSION = 5
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -84,7 +86,27 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
         if isinstance(model_data, dict) and isinstance(model_data.get("hypers"), dict):
             model_data["hypers"] = upgrade_model_hypers(model_data["hypers"])
         checkpoint["version"] = 4
+    if checkpoint["version"] < 5:
+        for key in ("model_state_dict", "best_model_state_dict"):
+            state = checkpoint.get(key)
+            if isinstance(state, dict):
+                checkpoint[key] = add_pair_normalization(state)
+        checkpoint["version"] = 5
     return checkpoint
+
+
+def add_pair_normalization(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A model state written before the read-outs divided their pair sums by the
+    average number of neighbors: ``pair_normalization`` 1 for every read-out (the
+    sums of that time), so that the model computes what it did."""
+    state = dict(state)
+    suffix = ".scale"
+    for name, value in list(state.items()):
+        if name.endswith(suffix) and ".readouts." in "." + name:
+            normalization = name[: -len(suffix)] + ".pair_normalization"
+            if normalization not in state:
+                state[normalization] = torch.ones((), dtype=value.dtype)
+    return state
 
 
 def upgrade_model_hypers(hypers: Dict[str, Any]) -> Dict[str, Any]:

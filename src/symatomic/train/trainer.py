@@ -318,6 +318,8 @@ class Trainer:
         )
         self.model.to(dtype=self.dtype)
         self.target_scales = self.model.fit_output_statistics(data.train)
+        # (fine-tuning then loads the heads it takes over)
+        self.model.start_heads_small()
         if pretrained is not None:
             self._load_pretrained(finetune, pretrained)
         self.model.to(device=self.device)
@@ -364,6 +366,7 @@ class Trainer:
                 hypers, data.atomic_types, data.targets, data.length_unit
             ).to(dtype=self.dtype)
             scales[name] = model.fit_output_statistics(data.train)
+            model.start_heads_small()
             model.to(device=self.device)
             steps, epochs = self._train_probe(model, data, specs, share, n_end)
             model.eval()
