@@ -154,7 +154,7 @@ def prepare(name: str, path: str, folder: str) -> Dict[str, List]:
             atoms.pbc = False
         for key, short in tensors.items():
             rank, blocks = TENSORS[short]
-            values = torch.tensor(np.asarray(atoms.info[key], dtype=np.float64))
+            values = torch.tensor(np.asarray(_value(atoms, key), dtype=np.float64))
             decomposition = CartesianDecomposition(rank, symmetric=True)
             spherical = dict(
                 zip(
@@ -177,6 +177,16 @@ def prepare(name: str, path: str, folder: str) -> Dict[str, List]:
         ase.io.write(os.path.join(folder, f"{part}.xyz"), selected, format="extxyz")
         result[part] = selected
     return result
+
+
+def _value(atoms, key: str):
+    """``atoms.info[key]``, or the result of ASE's single-point calculator (ASE
+    moves ``energy``, ``forces``, ``dipole``… of extended XYZ files there)."""
+    if key in atoms.info:
+        return atoms.info[key]
+    if atoms.calc is not None and key in atoms.calc.results:
+        return atoms.calc.results[key]
+    raise KeyError(f"no '{key}' in a structure")
 
 
 def targets_section(name: str, file: str) -> Dict:
