@@ -90,25 +90,88 @@ def test_planner_replans_from_measured_times():
         n_validation=20,
         batch_size=8,
     )
-    # the first step warms up (slow); the plan is made after the third
+    # the first plan is made after the first step, which warms up (slow); the
+    # next ones leave it out of the estimate
     durations = [5.0, 1.0, 1.0]
     changed = []
     for seconds in durations:
         clock.now += seconds
         changed.append(planner.after_step(seconds))
-    assert changed == [False, False, True]
+    assert changed[:2] == [True, True]
     # an epoch: 10 steps of 1 s plus 20 validation structures at 0.5/8 s each
     # (1.25 s); the end: 40 structures (2.5 s) + export; 293 s left
     finish = 40 * 0.5 / 8 + TimeBudget.EXPORT_SECONDS
-    expected = int((293.0 * (1 - TimeBudget.SAFETY) - finish) // 11.25)
-    assert schedule.epochs == expected
+    available = 293.0 * (1 - TimeBudget.SAFETY) - finish
+    whole = int(available // 11.25)
+    # what is left after the whole epochs (3 steps of the first are done) holds
+    # some steps of one more, and its validation
+    extra = int((available - whole * 11.25 + 3 * 1.0 - 1.25) // 1.0)
+    assert 1 <= extra < 10
+    assert schedule.epochs == whole + 1
+    assert schedule.total_steps == whole * 10 + extra
     # measured epochs longer than planned: the plan shrinks
+    for _ in range(7):  # the rest of the epoch
+        planner.after_step(1.0)
     planner.validated(4.0)
     clock.now += 150.0
     planner.after_epoch(1, 150.0)
-    assert schedule.epochs < expected
     left = budget.left() * (1 - TimeBudget.SAFETY) - planner.finish_seconds()
-    assert schedule.epochs == max(1, 1 + int(left // 150.0))
+    assert left < 150.0  # no whole epoch more: a shorter one (steps of 14.6 s)
+    assert schedule.epochs == 2
+    assert schedule.total_steps == 10 + int((left - 4.0) // 14.6)
+
+
+def test_planner_ends_an_epoch_that_does_not_fit():
+    """Steps so long that not even the one epoch a run must have fits: the
+    schedule is capped in steps, the epoch (and the run) ends early."""
+    clock = FakeClock(tick=0.0)
+    budget = TimeBudget(100.0, clock)
+    schedule = Schedule(steps_per_epoch=10, epochs=10**9)
+    planner = EpochPlanner(
+        budget,
+        schedule,
+        cap=10**9,
+        start_epoch=0,
+        n_evaluated_at_end=0,
+        n_validation=0,
+        batch_size=8,
+    )
+    for seconds in (20.0, 15.0, 15.0):
+        clock.now += seconds
+        planner.after_step(seconds)
+    # 50 s left, 3 % kept free and 5 s for the export: 43.5 s, two more steps
+    assert schedule.epochs == 1
+    assert schedule.max_steps == 5 and schedule.total_steps == 5
+    # steps that get faster lift the cap again
+    for _ in range(2):
+        clock.now += 0.1
+        planner.after_step(0.1)
+    assert schedule.max_steps is None and schedule.total_steps >= 10
+
+
+def test_a_limit_shorter_than_an_epoch_ends_within_the_epoch(
+    synthetic_file, tmp_path, monkeypatch
+):
+    """Optimizer steps of 1 s (on a fake clock) and an 8 s limit: the run stops
+    within its first epoch."""
+    clock = FakeClock(tick=0.001)
+    step = Trainer._train_step
+
+    def slow_step(self, *args, **kwargs):
+        clock.now += 1.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train_step", slow_step)
+    options = _timed_options(
+        synthetic_file, time_limit="8s", batch_size=2, uncertainty=False
+    )
+    trainer = Trainer(options, str(tmp_path / "run"), progress=False, clock=clock)
+    result = trainer.run()
+    steps_per_epoch = math.ceil(len(trainer.data.train) / 2)
+    assert len(result.history) == 1
+    assert 1 <= trainer.schedule.total_steps < steps_per_epoch
+    assert trainer.budget.elapsed() <= 8.0
+    assert math.isfinite(result.history[0]["loss"])
 
 
 def _timed_options(path, **training):

@@ -200,21 +200,30 @@ class Schedule:
     def __init__(self, steps_per_epoch: int, epochs: int):
         self.steps_per_epoch = int(steps_per_epoch)
         self.epochs = int(epochs)
+        #: the step at which the run ends within its last epoch (a time limit
+        #: that leaves part of an epoch); ``None``: at the end of an epoch
+        self.max_steps: Optional[int] = None
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+        steps = self.steps_per_epoch * self.epochs
+        if self.max_steps is not None:
+            return min(steps, self.max_steps)
+        return steps
 
 
 class EpochPlanner:
     """Re-plans a :class:`Schedule` from measured times so that a time-limited run
     ends within its limit.
 
-    The first plan is made after :attr:`PLAN_AFTER_STEPS` optimizer steps (the
-    first step, which warms up, left out of the estimate), so that the warm-up
-    and the cosine decay have their planned lengths from the start; after that,
-    after every epoch, from the median duration of the recent epochs (training,
-    validation and checkpoints). The work after the last epoch (evaluation of
+    The first plan is made after :attr:`PLAN_AFTER_STEPS` optimizer step, so that
+    the warm-up and the cosine decay have their planned lengths almost from the
+    start, and renewed after every step of the first epoch (the first step, which
+    warms up, left out of the estimate once there are others); after that, after every epoch, from the
+    median duration of the recent epochs (training, validation and checkpoints).
+    The time left after the whole epochs that fit goes to a shorter last epoch
+    (:attr:`Schedule.max_steps`), and when not even the one epoch a run must have
+    fits (a large model on large structures), that epoch ends early. The work after the last epoch (evaluation of
     ``n_evaluated_at_end`` structures, export) is set aside from validation
     timings (before the first validation: half the training time per structure).
 
@@ -228,7 +237,7 @@ class EpochPlanner:
     :param broadcast: makes every rank use the main rank's plan
     """
 
-    PLAN_AFTER_STEPS = 3
+    PLAN_AFTER_STEPS = 1
 
     def __init__(
         self,
@@ -252,6 +261,7 @@ class EpochPlanner:
         self.batch_size = max(1, batch_size)
         self.broadcast = broadcast
         self.step_seconds: List[float] = []
+        self.steps_this_epoch = 0
         self.epoch_seconds: List[float] = []
         self.validation_seconds: Optional[float] = None
 
@@ -270,16 +280,18 @@ class EpochPlanner:
         return median(steps)
 
     def after_step(self, seconds: float) -> bool:
-        """Record a training step; makes the first plan after
-        :attr:`PLAN_AFTER_STEPS` steps. Returns whether the plan changed."""
+        """Record a training step; plans after :attr:`PLAN_AFTER_STEPS` steps and
+        every step after them in the first epoch. Returns whether the plan
+        changed."""
         if not self.budget.limited:
             return False
         self.step_seconds.append(seconds)
-        if self.epoch_seconds or len(self.step_seconds) != self.PLAN_AFTER_STEPS:
+        self.steps_this_epoch += 1
+        if self.epoch_seconds or len(self.step_seconds) < self.PLAN_AFTER_STEPS:
             return False
         validation = self.evaluation_per_structure() * self.n_validation
         epoch = self.schedule.steps_per_epoch * self._step_estimate() + validation
-        return self._replan(self.start_epoch, epoch)
+        return self._replan(self.start_epoch, epoch, len(self.step_seconds))
 
     def validated(self, seconds: float) -> None:
         """Record the duration of a validation pass."""
@@ -288,15 +300,22 @@ class EpochPlanner:
     def after_epoch(self, epochs_done: int, seconds: float) -> bool:
         """Record the duration of an epoch and re-plan. Returns whether the plan
         changed."""
-        self.epoch_seconds.append(seconds)
+        steps, self.steps_this_epoch = self.steps_this_epoch, 0
         if not self.budget.limited:
+            self.epoch_seconds.append(seconds)
             return False
+        if 0 < steps < self.schedule.steps_per_epoch:
+            # an epoch cut short by the plan is the last (the learning rate has
+            # decayed over the steps it had)
+            self.schedule.epochs = epochs_done
+            return False
+        self.epoch_seconds.append(seconds)
         recent = (
             self.epoch_seconds[1:]
             if len(self.epoch_seconds) > 1
             else self.epoch_seconds
         )
-        return self._replan(epochs_done, median(recent[-5:]))
+        return self._replan(epochs_done, median(recent[-5:]), 0)
 
     def finish_seconds(self) -> float:
         """Seconds set aside for the work after the last epoch."""
@@ -304,18 +323,70 @@ class EpochPlanner:
             self.evaluation_per_structure(), self.n_evaluated_at_end
         )
 
-    def _replan(self, epochs_done: int, epoch_seconds: float) -> bool:
+    def _replan(
+        self, epochs_done: int, epoch_seconds: float, steps_into_epoch: int
+    ) -> bool:
+        """Whole epochs that fit, then what is left as a shorter last epoch
+        (:attr:`Schedule.max_steps`)."""
+        finish = self.finish_seconds()
         epochs = self.budget.plan_epochs(
-            epochs_done,
-            self.cap,
-            epoch_seconds,
-            self.finish_seconds(),
-            minimum=self.minimum,
+            epochs_done, self.cap, epoch_seconds, finish, minimum=self.minimum
         )
+        max_steps = self._last_steps(
+            epochs_done, epochs, epoch_seconds, steps_into_epoch, finish
+        )
+        if max_steps is not None:
+            epochs = -(-max_steps // self.schedule.steps_per_epoch)
+        elif epochs <= epochs_done:
+            max_steps = self.schedule.max_steps  # the run is over: as it ran
         epochs = self.broadcast(epochs)
-        changed = epochs != self.schedule.epochs
+        cap = self.broadcast(-1 if max_steps is None else max_steps)
+        max_steps = None if cap < 0 else cap
+        changed = (epochs, max_steps) != (self.schedule.epochs, self.schedule.max_steps)
         self.schedule.epochs = epochs
+        self.schedule.max_steps = max_steps
         return changed
+
+    def _last_steps(
+        self,
+        epochs_done: int,
+        epochs: int,
+        epoch_seconds: float,
+        steps_into_epoch: int,
+        finish: float,
+    ) -> Optional[int]:
+        """The step at which the run ends when that is not the end of an epoch:
+        the time left after the ``epochs`` planned whole epochs holds some steps
+        of one more (and its validation), or not even the one epoch the run must
+        have fits. ``None``: the run ends with its last whole epoch."""
+        if not self.step_seconds:
+            return None
+        steps_per_epoch = self.schedule.steps_per_epoch
+        validation = self.evaluation_per_structure() * self.n_validation
+        # a step, with its share of what else an epoch costs (checkpoints)
+        per_step = max(
+            self._step_estimate(), (epoch_seconds - validation) / steps_per_epoch
+        )
+        if per_step <= 0:
+            return None
+        available = self.budget.left() * (1.0 - self.budget.SAFETY) - finish
+        # the current epoch is partly done already
+        planned = (epochs - epochs_done) * epoch_seconds - steps_into_epoch * per_step
+        left_over = available - planned
+        if left_over >= 0:
+            if epochs >= self.cap:
+                return None
+            extra = int((left_over - validation) // per_step)
+            if extra < 1:
+                return None
+            return epochs * steps_per_epoch + min(extra, steps_per_epoch - 1)
+        if epochs_done >= self.minimum or epochs - epochs_done > 1:
+            return None
+        # not even the one epoch the run must have fits: it ends within it
+        steps = steps_into_epoch + int(max(available - validation, 0.0) // per_step)
+        if steps >= steps_per_epoch:
+            return None
+        return epochs_done * steps_per_epoch + steps
 
 
 def median(values: List[float]) -> float:

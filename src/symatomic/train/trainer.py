@@ -262,6 +262,8 @@ class Trainer:
         self.augmentation = False
         #: the probes of ``backbone: auto`` with a time limit, if any
         self.probes: List[ProbeResult] = []
+        #: the learning-rate schedule's length (created by :meth:`run`)
+        self.schedule = Schedule(1, 0)
         self.dtype = _dtype(options)
         device_type = options.get("device", "cpu")
         if device_type == "cuda" and not torch.cuda.is_available():
@@ -469,15 +471,17 @@ class Trainer:
                 scheduler.step()
                 step_seconds.append(self.clock() - start)
                 step += 1
-                if step == EpochPlanner.PLAN_AFTER_STEPS or step % steps_per_epoch == 0:
-                    # steps that fit, with the evaluation of the probe set aside
-                    recent = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
-                    per_step = median(recent[-20:])
-                    evaluation = 0.5 * per_step / batch_size * n_scored
-                    planned = probe_budget.plan_epochs(
-                        step, 10**9, per_step, evaluation, minimum=1
-                    )
-                    schedule.epochs = self.context.broadcast_int(planned)
+                # re-planned after every step (the schedule's unit is a step): the
+                # steps that fit, the evaluation of the probe set aside; a probe
+                # whose steps are long (a large model on large structures) stops
+                # after the step that reaches its share, not after an epoch
+                recent = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
+                per_step = median(recent[-20:])
+                evaluation = 0.5 * per_step / batch_size * n_scored
+                planned = probe_budget.plan_epochs(
+                    step, 10**9, per_step, evaluation, minimum=1
+                )
+                schedule.epochs = self.context.broadcast_int(planned)
         finally:
             self.augmentation = previous
         return step, step / steps_per_epoch
@@ -693,6 +697,7 @@ class Trainer:
         # the schedule's length: num_epochs, or what fits in the time limit
         # (re-planned as the run measures itself)
         schedule = Schedule(steps_per_epoch, cap)
+        self.schedule = schedule
         if checkpoint is not None and self.budget.limited:
             schedule.epochs = min(cap, int(checkpoint.get("planned_epochs", cap)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -805,6 +810,7 @@ class Trainer:
                 np.random.default_rng(seed * _MIX + epoch).permutation(n_train).tolist()
             )
             epoch_loss = 0.0
+            steps_done = 0
             bar = tqdm(
                 range(steps_per_epoch),
                 desc=f"epoch {epoch + 1}/{schedule.epochs}{left}",
@@ -830,15 +836,26 @@ class Trainer:
                 )
                 scheduler.step()
                 epoch_loss += loss_value
+                steps_done = step + 1
                 bar.set_postfix(loss=f"{loss_value:.4g}")
                 if planner.after_step(budget.clock() - step_start):
                     bar.set_description(f"epoch {epoch + 1}/{schedule.epochs}{left}")
+                if epoch * steps_per_epoch + steps_done >= schedule.total_steps:
+                    # the time limit ends this (last) epoch early
+                    break
             bar.close()
+            if steps_done < steps_per_epoch:
+                self._log(
+                    "the time limit ends epoch %d after %d of its %d steps",
+                    epoch + 1,
+                    steps_done,
+                    steps_per_epoch,
+                )
             budget.charge("training")
             train_errors.reduce(self.context)
             record: Dict[str, float] = {
                 "epoch": epoch + 1,
-                "loss": epoch_loss / steps_per_epoch,
+                "loss": epoch_loss / max(steps_done, 1),
                 "learning_rate": scheduler.get_last_lr()[0],
             }
             record.update({"train:" + k: v for k, v in train_errors.rmse().items()})
