@@ -98,14 +98,17 @@ def test_planner_replans_from_measured_times():
         clock.now += seconds
         changed.append(planner.after_step(seconds))
     assert changed[:2] == [True, True]
-    # an epoch: 10 steps of 1 s plus 20 validation structures at 0.5/8 s each
-    # (1.25 s); the end: 40 structures (2.5 s) + export; 293 s left
-    finish = 40 * 0.5 / 8 + TimeBudget.EXPORT_SECONDS
+    # an epoch: 10 steps of 1 s plus 20 validation structures at share/8 s each;
+    # the end: 40 structures + export; 293 s left
+    share = EpochPlanner.EVALUATION_SHARE
+    validation = 20 * share / 8
+    epoch = 10.0 + validation
+    finish = 40 * share / 8 + TimeBudget.EXPORT_SECONDS
     available = 293.0 * (1 - TimeBudget.SAFETY) - finish
-    whole = int(available // 11.25)
+    whole = int(available // epoch)
     # what is left after the whole epochs (3 steps of the first are done) holds
     # some steps of one more, and its validation
-    extra = int((available - whole * 11.25 + 3 * 1.0 - 1.25) // 1.0)
+    extra = int((available - whole * epoch + 3 * 1.0 - validation) // 1.0)
     assert 1 <= extra < 10
     assert schedule.epochs == whole + 1
     assert schedule.total_steps == whole * 10 + extra
