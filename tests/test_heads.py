@@ -289,10 +289,14 @@ def test_head_options():
 
 
 def test_auto_backbone_follows_the_training_set():
-    """``symatomic train`` picks SOAP for small training sets without energies
-    (measured by benchmarks/budget_accuracy.py), PET otherwise or when the options
-    ask for anything of PET's."""
-    from symatomic.model_options import SMALL_TRAINING_SET, backbone_for_data
+    """``symatomic train`` picks SOAP for small training sets without energies and
+    for dense matter (measured by benchmarks/budget_accuracy.py), PET otherwise or
+    when the options ask for anything of PET's."""
+    from symatomic.model_options import (
+        DENSE_NEIGHBORS,
+        SMALL_TRAINING_SET,
+        backbone_for_data,
+    )
 
     specs = _specs()
     tensors = {"mtt::tensor": specs["mtt::tensor"]}
@@ -314,3 +318,8 @@ def test_auto_backbone_follows_the_training_set():
     assert backbone_for_data({"backbone": "soap"}, specs, large) == "soap"
     forces = parse_target_options("mtt::e", {"quantity": "energy", "unit": "eV"}, "x")
     assert backbone_for_data({}, {"mtt::e": forces}, small) == "pet"
+    # dense matter (liquids: ~40 neighbors per atom): SOAP, unless PET is asked for
+    dense = DENSE_NEIGHBORS
+    assert backbone_for_data({}, specs, large, neighbors=dense) == "soap"
+    assert backbone_for_data({}, specs, large, neighbors=dense - 1) == "pet"
+    assert backbone_for_data({"d_pet": 32}, specs, large, neighbors=dense) == "pet"

@@ -29,8 +29,14 @@ from ..data.structures import Structure
 from ..data.targets import TargetSpec
 from ..files import atomic_write
 from ..model import SymatomicModel
-from ..model_options import auto_candidates, backbone_for_data, check_model_hypers
+from ..model_options import (
+    DENSE_NEIGHBORS,
+    auto_candidates,
+    backbone_for_data,
+    check_model_hypers,
+)
 from ..plots import ParityData, block_label
+from ..statistics import average_neighbors
 from .budget import (
     EpochPlanner,
     Schedule,
@@ -305,13 +311,26 @@ class Trainer:
             # fine-tuning keeps the backbone of the pretrained model
             backbone = str(pretrained["model_data"]["hypers"]["backbone"])
         else:
-            backbone = backbone_for_data(model_hypers, data.targets, len(data.train))
+            neighbors = 0.0
+            if model_hypers["backbone"] == "auto":
+                neighbors = average_neighbors(
+                    data.train[:1000],
+                    model_hypers["cutoff"],
+                    model_hypers["cutoff_width"],
+                )
+            backbone = backbone_for_data(
+                model_hypers, data.targets, len(data.train), neighbors
+            )
         if model_hypers["backbone"] == "auto" and pretrained is None:
             self._log(
-                "backbone: auto -> %s (%d training structures%s; docs/heads.rst)",
+                "backbone: auto -> %s (%d training structures, %.1f neighbors per "
+                "atom%s; docs/heads.rst)",
                 backbone,
                 len(data.train),
-                ", no energy target" if backbone == "soap" else "",
+                neighbors,
+                ", no energy target"
+                if backbone == "soap" and neighbors < DENSE_NEIGHBORS
+                else "",
             )
         if model_hypers["backbone"] == "auto":
             model_hypers["backbone"] = backbone
