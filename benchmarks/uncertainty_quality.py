@@ -268,7 +268,7 @@ def cost(repeats: int) -> None:
     model = SymatomicModel({}, [1, 8], specs)
     block = model.readouts["energy"].uncertainty[0]
     size = block.n_features
-    block.inverse_covariance = torch.eye(size)
+    block.covariance_root = torch.eye(size)
     block.calibration = torch.ones(1)
     block.ensemble_weights = torch.randn(size, 16, 1) * 1e-3
     exported = model.export()

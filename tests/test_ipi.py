@@ -295,7 +295,7 @@ def test_socket_example_prints_the_spread_of_the_energy_ensemble(tmp_path):
     model.readouts["energy"].scale.mul_(0.3)
     block = model.readouts["energy"].uncertainty[0]
     size = block.n_features
-    block.inverse_covariance = torch.eye(size, dtype=torch.float64) * 1e-4
+    block.covariance_root = torch.eye(size, dtype=torch.float64) * 1e-2
     block.calibration = torch.ones(1, dtype=torch.float64)
     block.ensemble_weights = 1e-3 * torch.randn(size, 5, 1, dtype=torch.float64)
     path = str(tmp_path / "model.pt")

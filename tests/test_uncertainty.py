@@ -61,7 +61,7 @@ def _randomly_fitted(config: str, seed: int = 0) -> SymatomicModel:
         for block in readout.uncertainty:
             size = block.n_features
             factor = torch.randn(size, size, dtype=torch.float64)
-            block.inverse_covariance = factor @ factor.T / size
+            block.covariance_root = factor / size**0.5
             block.calibration = (
                 torch.rand(block.n_properties, dtype=torch.float64) + 0.5
             )
@@ -216,6 +216,74 @@ def test_a_checkpoint_from_before_uncertainties_loads_uncalibrated():
     assert fresh.uncertainties_fitted()
     block = fresh.readouts["energy"].uncertainty[0]
     assert block.ensemble_weights.shape[1] == 5
+
+
+def test_a_saved_inverse_covariance_loads_as_its_factor():
+    """Checkpoints from before the factor stored Σ itself: it loads as ``R`` with
+    ``R Rᵀ = Σ``, and the uncertainties are the same."""
+    from symatomic.uncertainty import BlockUncertainty
+
+    torch.manual_seed(0)
+    block = BlockUncertainty(6, 2).to(torch.float64)
+    factor = torch.randn(6, 6, dtype=torch.float64)
+    inverse = factor @ factor.T
+    state = {
+        "inverse_covariance": inverse,
+        "calibration": torch.tensor([0.5, 2.0], dtype=torch.float64),
+        "ensemble_weights": torch.zeros(6, 0, 2, dtype=torch.float64),
+    }
+    block.load_state_dict(state)
+    root = block.covariance_root
+    assert relative_error(root @ root.T, inverse) < 1e-12
+    phi = torch.randn(4, 3, 6, dtype=torch.float64)
+    expected = torch.sqrt(
+        torch.einsum("nmi,ij,nmj->nm", phi, inverse, phi).mean(dim=1)
+    ).unsqueeze(1) * torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert relative_error(block(phi), expected) < 1e-12
+
+
+def test_float32_uncertainties_of_features_with_a_large_common_component():
+    """Features that share a large common component (per-structure sums over
+    atoms) and an ill-conditioned covariance: in float32 the stored factor keeps
+    the uncertainty invariant to the round-off of the features themselves, where
+    the quadratic form with ``Σ`` changed by more than 10 %."""
+    from metatomic.torch.o3 import random_transformations
+
+    from symatomic.uncertainty import BlockUncertainty
+
+    seed = int(np.random.default_rng().integers(2**31))
+    generator = torch.Generator().manual_seed(seed)
+    n = 32
+    common = 30.0 * torch.randn(n, dtype=torch.float64, generator=generator)
+    spread = torch.logspace(0, -3, n, dtype=torch.float64)
+
+    def features(count: int) -> torch.Tensor:
+        noise = torch.randn(count, 3, n, dtype=torch.float64, generator=generator)
+        return common + 0.05 * noise * spread
+
+    flat = features(400).reshape(-1, n)
+    eigenvalues, eigenvectors = torch.linalg.eigh(flat.T @ flat)
+    shifted = eigenvalues + 1e-8 * eigenvalues.mean()
+    block = BlockUncertainty(n, 1)
+    block.covariance_root = (eigenvectors / torch.sqrt(shifted)).float()
+    block.calibration = torch.ones(1)
+    inverse = ((eigenvectors / shifted) @ eigenvectors.T).float()
+
+    def quadratic_form(phi: torch.Tensor) -> torch.Tensor:
+        variance = ((phi @ inverse) * phi).sum(dim=2).mean(dim=1)
+        return torch.sqrt(variance.clamp(min=0.0))
+
+    phi = features(20)
+    transformation = random_transformations(
+        1, 1, device=torch.device("cpu"), dtype=torch.float64, generator=generator
+    )
+    rotated = torch.einsum("mk,nki->nmi", transformation.wigner_D_matrices(1)[0], phi)
+    reference = block.to(torch.float64)(phi).reshape(-1)
+    block.float()
+    change = (block(phi.float()) - block(rotated.float())).reshape(-1).double()
+    assert float((change.abs() / reference).max()) < 1e-3, f"seed {seed}"
+    old = (quadratic_form(phi.float()) - quadratic_form(rotated.float())).double()
+    assert float((old.abs() / reference).max()) > 0.1, f"seed {seed}"
 
 
 def _trained(tmp_path, **training):

@@ -16,6 +16,15 @@ uncertainty returned here: one number per sample and property,
 component (``sqrt(E|δT|² / (2λ+1))``). Ensemble members perturb the last-layer
 weights, ``T^(m) = T + α_p Φ · ξ^(m)`` with ``ξ ~ N(0, Σ)`` drawn once at
 calibration: every member is exactly as equivariant as the model.
+
+Round-off: the model stores a factor ``R`` of ``Σ = R Rᵀ`` (``R = U diag((λ +
+ς)^(-1/2))`` from the eigendecomposition ``C = U diag(λ) Uᵀ``), and the variance is
+the sum of squares ``|Φ_μ R|²``. The quadratic form ``Φᵀ Σ Φ`` with ``Σ`` itself
+is a difference of large numbers when the features share a large common component
+and ``C`` is ill-conditioned (per-structure energies are sums over atoms; targets
+in Hartree leave tiny residuals): in float32 it changed by up to 58 % when a
+molecule turned. The sum of squares is positive term by term and carries only the
+round-off of the features themselves.
 """
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,6 +33,7 @@ import torch
 
 __all__ = [
     "BlockUncertainty",
+    "covariance_factor",
     "derived_output_names",
     "ensemble_name",
     "last_layer_features_name",
@@ -80,8 +90,8 @@ class BlockUncertainty(torch.nn.Module):
         super().__init__()
         self.n_features = int(n_features)
         self.n_properties = int(n_properties)
-        #: ``Σ = (C + ς I)⁻¹``, ``(n_last, n_last)``
-        self.register_buffer("inverse_covariance", torch.zeros(n_features, n_features))
+        #: ``R`` with ``R Rᵀ = Σ = (C + ς I)⁻¹``, ``(n_last, n_last)``
+        self.register_buffer("covariance_root", torch.zeros(n_features, n_features))
         #: ``α_p``, ``(P,)``, in the target's unit; zero: not fitted
         self.register_buffer("calibration", torch.zeros(n_properties))
         #: ``α_p ξ^(m)``, ``(n_last, n_members, P)``
@@ -92,10 +102,10 @@ class BlockUncertainty(torch.nn.Module):
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         """Calibrated uncertainties ``(n_samples, P)`` of last-layer features
-        ``phi``, ``(n_samples, 2λ+1, n_last)``: ``α_p sqrt(mean_μ Φ_μᵀ Σ Φ_μ)``,
-        exactly invariant for equivariant ``Φ``."""
-        projected = torch.matmul(phi, self.inverse_covariance.to(phi.dtype))
-        variance = (projected * phi).sum(dim=2).mean(dim=1).clamp(min=0.0)
+        ``phi``, ``(n_samples, 2λ+1, n_last)``: ``α_p sqrt(mean_μ |Φ_μ R|²)`` (``=
+        α_p sqrt(mean_μ Φ_μᵀ Σ Φ_μ)``), exactly invariant for equivariant ``Φ``."""
+        projected = torch.matmul(phi, self.covariance_root.to(phi.dtype))
+        variance = (projected * projected).sum(dim=2).mean(dim=1)
         return torch.sqrt(variance).unsqueeze(1) * self.calibration.to(phi.dtype)
 
     @torch.jit.export
@@ -129,8 +139,13 @@ def _adopt_saved_buffers(
 ) -> None:
     """Load-state hook of :class:`BlockUncertainty`: a missing buffer (checkpoint
     from before uncertainties) keeps its unfitted value; a saved ensemble of
-    another size replaces the buffer's shape."""
-    for name in ("inverse_covariance", "calibration", "ensemble_weights"):
+    another size replaces the buffer's shape; a saved ``inverse_covariance``
+    (checkpoints before the factor) becomes ``covariance_root``."""
+    old = prefix + "inverse_covariance"
+    if old in state_dict:
+        inverse = state_dict.pop(old)
+        state_dict.setdefault(prefix + "covariance_root", covariance_factor(inverse))
+    for name in ("covariance_root", "calibration", "ensemble_weights"):
         key = prefix + name
         current: Optional[torch.Tensor] = module._buffers.get(name)
         if current is None:
@@ -143,3 +158,12 @@ def _adopt_saved_buffers(
                 module._buffers[name] = torch.zeros(
                     saved.shape, dtype=current.dtype, device=current.device
                 )
+
+
+def covariance_factor(inverse_covariance: torch.Tensor) -> torch.Tensor:
+    """``R`` with ``R Rᵀ = Σ`` of a symmetric positive semi-definite ``Σ``
+    ``(n, n)`` (computed in float64, returned in ``Σ``'s dtype; negative
+    eigenvalues of round-off count as zero)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(inverse_covariance.to(torch.float64))
+    root = eigenvectors * torch.sqrt(eigenvalues.clamp(min=0.0))
+    return root.to(inverse_covariance.dtype)

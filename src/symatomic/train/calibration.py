@@ -9,8 +9,9 @@
    regulariser ``ς`` is ``v(ς) = Σ_j w_j / (λ_j + ς)``.
 3. For every ``ς`` of a logarithmic grid, ``α_p² = mean(e²_p / v)`` (the maximum of
    the Gaussian likelihood); the ``ς`` of the smallest negative log-likelihood wins.
-4. ``Σ = U diag(1 / (λ + ς)) Uᵀ`` and ``α_p`` go into the model; ensemble members
-   ``α_p ξ``, ``ξ = Σ^(1/2) g`` (symmetric square root), ``g ~ N(0, I)``.
+4. ``R = U diag((λ + ς)^(-1/2))`` (``Σ = R Rᵀ``) and ``α_p`` go into the model;
+   ensemble members ``α_p ξ``, ``ξ = Σ^(1/2) g`` (symmetric square root),
+   ``g ~ N(0, I)``.
 """
 
 import logging
@@ -142,10 +143,11 @@ def fit_uncertainties(
             squared = torch.cat(errors[name][index])
             best = _calibrate(eigenvalues, weights, squared)
             regulariser, alpha_squared, nll = best
-            inverse = eigenvectors / (eigenvalues + regulariser)
-            uncertainty.inverse_covariance = (inverse @ eigenvectors.T).to(
-                uncertainty.inverse_covariance
-            )
+            # R = U diag((λ + ς)^(-1/2)): the model's variance |Φ R|² is a sum of
+            # squares, which float32 keeps (the form Φᵀ Σ Φ cancels)
+            uncertainty.covariance_root = (
+                eigenvectors / torch.sqrt(eigenvalues + regulariser)
+            ).to(uncertainty.covariance_root)
             alpha = torch.sqrt(alpha_squared)
             uncertainty.calibration = alpha.to(uncertainty.calibration)
             draws = torch.randn(
@@ -163,7 +165,7 @@ def fit_uncertainties(
             )
             xi = torch.einsum("lj,jmp->lmp", root, draws)
             uncertainty.ensemble_weights = (xi * alpha).to(
-                uncertainty.inverse_covariance
+                uncertainty.covariance_root
             )
             block = readout_label(specs[name], index)
             report[block] = {
