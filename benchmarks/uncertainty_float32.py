@@ -55,7 +55,9 @@ def prepare(name: str, folder: str, data: str) -> str:
     with open(example_options_path()) as file:
         options = yaml.safe_load(file)
     if name == "example":
-        systems = os.path.join(os.path.dirname(example_options_path()), "water_clusters.xyz")
+        systems = os.path.join(
+            os.path.dirname(example_options_path()), "water_clusters.xyz"
+        )
         options["training_set"]["systems"]["read_from"] = systems
         return _write(options, folder)
     source = {
@@ -145,7 +147,12 @@ def evaluate(model, atoms) -> Dict[str, Tuple[np.ndarray, bool, int, int]]:
                 gradient = block.gradient("positions")
                 forces = -gradient.values.detach().numpy().reshape(-1, 3)
                 atoms_index = gradient.samples.column("atom").numpy()
-                values[name + " forces"] = (forces[np.argsort(atoms_index)], False, -2, 1)
+                values[name + " forces"] = (
+                    forces[np.argsort(atoms_index)],
+                    False,
+                    -2,
+                    1,
+                )
     return values
 
 
@@ -187,10 +194,16 @@ def measure(checkpoint: str, frames: List, n_operations: int, seed: int) -> Dict
         for _ in range(n_operations):
             generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
             transformation = random_transformations(
-                1, 4, device=torch.device("cpu"), dtype=torch.float64, generator=generator
+                1,
+                4,
+                device=torch.device("cpu"),
+                dtype=torch.float64,
+                generator=generator,
             )
             proper = transformation.matrices[0].numpy()
-            wigner = [transformation.wigner_D_matrices(lam)[0].numpy() for lam in range(5)]
+            wigner = [
+                transformation.wigner_D_matrices(lam)[0].numpy() for lam in range(5)
+            ]
             improper = bool(rng.integers(2))
             rotation = -proper if improper else proper
             permutation = rng.permutation(len(atoms))
@@ -205,9 +218,7 @@ def measure(checkpoint: str, frames: List, n_operations: int, seed: int) -> Dict
                 changes.setdefault(label, []).append(
                     compare(expected, result[label][0], value[1])
                 )
-    return {
-        label: (max(changes[label]), max(differences[label])) for label in changes
-    }
+    return {label: (max(changes[label]), max(differences[label])) for label in changes}
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
     #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
     #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
-    __checkpoint_version__ = 7
+    __checkpoint_version__ = 8
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -359,6 +359,11 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             # they are loaded (symatomic's checkpoint version 5 step)
             checkpoint = dict(checkpoint)
             checkpoint["model_ckpt_version"] = version = 7
+        if version == 7:
+            # version 8 stores a factor of the uncertainties' inverse covariance
+            # (covariance_root): BlockUncertainty's hook converts older ones
+            checkpoint = dict(checkpoint)
+            checkpoint["model_ckpt_version"] = version = 8
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

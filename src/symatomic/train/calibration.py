@@ -164,9 +164,7 @@ def fit_uncertainties(
                 eigenvectors.T
             )
             xi = torch.einsum("lj,jmp->lmp", root, draws)
-            uncertainty.ensemble_weights = (xi * alpha).to(
-                uncertainty.covariance_root
-            )
+            uncertainty.ensemble_weights = (xi * alpha).to(uncertainty.covariance_root)
             block = readout_label(specs[name], index)
             report[block] = {
                 "regulariser": regulariser,

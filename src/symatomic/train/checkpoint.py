@@ -29,8 +29,10 @@ CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: ``density_*`` options of PET's invariant edge inputs, which became the default,
 #: and ECSE's ``collinear_penalty``, null before; 5: ``pair_normalization`` of
 #: every read-out, the heads' pair sums divided by the average number of
-#: neighbors, 1 before)
-CHECKPOINT_VERSION = 5
+#: neighbors, 1 before; 6: the uncertainties' ``covariance_root`` ``R`` with
+#: ``R Rᵀ = Σ`` instead of ``inverse_covariance`` ``Σ``, converted when loaded by
+#: :class:`symatomic.uncertainty.BlockUncertainty`)
+CHECKPOINT_VERSION = 6
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -92,6 +94,9 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
             if isinstance(state, dict):
                 checkpoint[key] = add_pair_normalization(state)
         checkpoint["version"] = 5
+    if checkpoint["version"] < 6:
+        # the model's load hook turns inverse_covariance into covariance_root
+        checkpoint["version"] = 6
     return checkpoint
 
 
