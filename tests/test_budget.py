@@ -77,19 +77,26 @@ def test_plan_epochs_fits_the_limit():
     assert math.isinf(unlimited.left())
 
 
-def test_planner_replans_from_measured_times():
+def _planner(limit: float, n_evaluated_at_end: float, n_validation: int):
+    """A planner of a fresh run (epochs of 10 steps of 8 structures, no cap) on a
+    clock that moves only when told: ``(clock, budget, schedule, planner)``."""
     clock = FakeClock(tick=0.0)
-    budget = TimeBudget(300.0, clock)
+    budget = TimeBudget(limit, clock)
     schedule = Schedule(steps_per_epoch=10, epochs=10**9)
     planner = EpochPlanner(
         budget,
         schedule,
         cap=10**9,
         start_epoch=0,
-        n_evaluated_at_end=40,
-        n_validation=20,
+        n_evaluated_at_end=n_evaluated_at_end,
+        n_validation=n_validation,
         batch_size=8,
     )
+    return clock, budget, schedule, planner
+
+
+def test_planner_replans_from_measured_times():
+    clock, budget, schedule, planner = _planner(300.0, 40, 20)
     # the first plan is made after the first step, which warms up (slow); the
     # next ones leave it out of the estimate
     durations = [5.0, 1.0, 1.0]
@@ -127,18 +134,7 @@ def test_planner_replans_from_measured_times():
 def test_planner_ends_an_epoch_that_does_not_fit():
     """Steps so long that not even the one epoch a run must have fits: the
     schedule is capped in steps, the epoch (and the run) ends early."""
-    clock = FakeClock(tick=0.0)
-    budget = TimeBudget(100.0, clock)
-    schedule = Schedule(steps_per_epoch=10, epochs=10**9)
-    planner = EpochPlanner(
-        budget,
-        schedule,
-        cap=10**9,
-        start_epoch=0,
-        n_evaluated_at_end=0,
-        n_validation=0,
-        batch_size=8,
-    )
+    clock, _, schedule, planner = _planner(100.0, 0, 0)
     for seconds in (20.0, 15.0, 15.0):
         clock.now += seconds
         planner.after_step(seconds)

@@ -219,13 +219,15 @@ class EpochPlanner:
     The first plan is made after :attr:`PLAN_AFTER_STEPS` optimizer step, so that
     the warm-up and the cosine decay have their planned lengths almost from the
     start, and renewed after every step of the first epoch (the first step, which
-    warms up, left out of the estimate once there are others); after that, after every epoch, from the
-    median duration of the recent epochs (training, validation and checkpoints).
-    The time left after the whole epochs that fit goes to a shorter last epoch
-    (:attr:`Schedule.max_steps`), and when not even the one epoch a run must have
-    fits (a large model on large structures), that epoch ends early. The work after the last epoch (evaluation of
+    warms up, left out of the estimate once there are others); after that, after
+    every epoch, from the median duration of the recent epochs (training,
+    validation and checkpoints). The time left after the whole epochs that fit
+    goes to a shorter last epoch (:attr:`Schedule.max_steps`), and when not even
+    the one epoch a run must have fits (a large model on large structures), that
+    epoch ends early. The work after the last epoch (evaluation of
     ``n_evaluated_at_end`` structures, export) is set aside from validation
-    timings (before the first validation: half the training time per structure).
+    timings (before the first validation: :attr:`EVALUATION_SHARE` of the
+    training time per structure).
 
     :param budget: the run's :class:`TimeBudget`
     :param schedule: the schedule to re-plan (in place)
