@@ -1,6 +1,7 @@
 """Training within a time limit: durations, the planner on a fake clock, the probes of
 ``backbone: auto`` (deterministic for a seed), and resume."""
 
+import logging
 import math
 
 import pytest
@@ -256,10 +257,8 @@ def test_choose_lowest_validation_loss_first_on_ties():
         choose([])
 
 
-def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
-    """backbone: auto with a time limit probes every candidate on the same data;
-    with the same seed and the same (fake) clock, the same table and winner."""
-    options = check_options(
+def _auto_options(path, time_limit="20s"):
+    return check_options(
         {
             "seed": 3,
             "base_precision": 64,
@@ -269,22 +268,29 @@ def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
                 "training": {
                     "batch_size": 8,
                     "learning_rate": 3e-3,
-                    "time_limit": "20s",
+                    "time_limit": time_limit,
                     "uncertainty": False,
                 },
             },
             "training_set": {
-                "systems": {"read_from": synthetic_file},
+                "systems": {"read_from": path},
                 "targets": TARGETS,
             },
             "validation_set": 0.25,
             "test_set": 0.0,
         }
     )
+
+
+def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
+    """backbone: auto with a time limit probes every candidate on the same data;
+    with the same seed and the same (fake) clock, the same table and winner; the
+    winner goes on from its probe (its steps count in the learning-rate schedule)."""
+    options = _auto_options(synthetic_file)
     tables = []
     for run in ("a", "b"):
         trainer = Trainer(
-            options, str(tmp_path / run), progress=False, clock=FakeClock(0.2)
+            options, str(tmp_path / run), progress=False, clock=FakeClock(0.02)
         )
         trainer.run()
         assert [p.name for p in trainer.probes] == ["soap", "pet-small", "pet"]
@@ -293,8 +299,60 @@ def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
             "soap" if winner.name == "soap" else "pet"
         )
         assert all(p.steps >= 1 and math.isfinite(p.metric) for p in trainer.probes)
+        assert not any(p.skipped for p in trainer.probes)
+        saved = load_checkpoint(str(tmp_path / run / "last.ckpt"))
+        assert saved["probe_steps"] == winner.steps
         tables.append([(p.name, p.steps, p.metric) for p in trainer.probes])
     assert tables[0] == tables[1]
+
+
+def test_auto_skips_candidates_whose_steps_do_not_fit(
+    synthetic_file, tmp_path, monkeypatch, caplog
+):
+    """A candidate whose estimated step leaves fewer than MIN_PROBE_STEPS in its
+    share is not probed (here: the default PET, made slow); when only one
+    candidate fits, it goes on without an evaluation of its probe."""
+    from symatomic.train.probes import MIN_PROBE_STEPS
+
+    def estimate(self, model, data, specs):
+        large = sum(p.numel() for p in model.parameters()) > 10**6
+        return 1.0 if large else 1e-3
+
+    caplog.set_level(logging.INFO, logger="symatomic")
+    monkeypatch.setattr(Trainer, "_single_structure_step", estimate)
+    trainer = Trainer(
+        _auto_options(synthetic_file),
+        str(tmp_path / "run"),
+        progress=False,
+        clock=FakeClock(0.02),
+    )
+    trainer.run()
+    probes = {p.name: p for p in trainer.probes}
+    assert probes["pet"].steps == 0 and f"fewer than {MIN_PROBE_STEPS}" in (
+        probes["pet"].skipped
+    )
+    assert not math.isfinite(probes["pet"].metric)
+    assert choose(trainer.probes).name in ("soap", "pet-small")
+    log = caplog.text
+    caplog.clear()
+    assert "pet skipped" in log and "skipped: a step would take" in log
+
+    def slow_pet(self, model, data, specs):
+        small = sum(p.numel() for p in model.parameters()) < 420_000
+        return 1e-3 if small else 1.0
+
+    monkeypatch.setattr(Trainer, "_single_structure_step", slow_pet)
+    trainer = Trainer(
+        _auto_options(synthetic_file),
+        str(tmp_path / "alone"),
+        progress=False,
+        clock=FakeClock(0.02),
+    )
+    trainer.run()
+    probed = [p for p in trainer.probes if not p.skipped]
+    assert [p.name for p in probed] == ["soap"] and probed[0].steps >= 1
+    assert trainer.model.hypers["backbone"] == "soap"
+    assert "the only candidate whose steps fit its share" in caplog.text
 
 
 def test_cli_time_limit(synthetic_file, tmp_path, capsys):

@@ -2,27 +2,42 @@
 own data, and the choice.
 
 Every candidate of :data:`symatomic.model_options.AUTO_CANDIDATES` (the SOAP
-backbone, a small PET, the default PET) is trained for the same share of the time
-limit (:data:`PROBE_SHARE` of what is left, split equally), with its own short
-warm-up and cosine schedule, from the same seed and on the same batches; then its
+backbone, a small PET, the default PET) gets the same share of the time limit
+(:data:`PROBE_SHARE` of what is left, split equally). Before its probe, one training
+step on a single structure estimates its step on a whole batch; a candidate whose
+share holds fewer than :data:`MIN_PROBE_STEPS` such steps is skipped (a large model
+on large structures: after one or two steps a probe says nothing, and the full run
+would have few steps too). The others are trained for their share from the same seed
+and on the same batches, each probe being the start of the run it would have if it
+won: the warm-up and cosine schedule are planned for the whole time limit. Then its
 validation loss (the trainer's metric: weighted, normalised squared errors of every
 target, forces and stress) is measured on the validation set. The candidate with the
-lowest loss wins (the earlier candidate on ties) and is trained for the rest of the
-limit, starting from the weights of its probe. Everything random comes from the
-seed, everything timed from the trainer's clock: with the same seed and the same
-timings, the same candidate wins.
+lowest loss wins (the earlier candidate on ties) and goes on where its probe
+stopped, with its weights, its optimizer's state and its place in the learning-rate
+schedule, so that the time of the winner's probe is not lost. Everything random
+comes from the seed, everything timed from the trainer's clock: with the same seed
+and the same timings, the same candidate wins.
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
-__all__ = ["PROBE_SHARE", "MAX_PROBE_VALIDATION", "ProbeResult", "choose", "table"]
+__all__ = [
+    "PROBE_SHARE",
+    "MAX_PROBE_VALIDATION",
+    "MIN_PROBE_STEPS",
+    "ProbeResult",
+    "choose",
+    "table",
+]
 
 #: share of the time left (after setting the end aside) that all probes take
 PROBE_SHARE = 0.3
 #: at most this many validation structures are evaluated after each probe
 MAX_PROBE_VALIDATION = 100
+#: a candidate whose share holds fewer optimizer steps than this is not probed
+MIN_PROBE_STEPS = 8
 
 
 @dataclass
@@ -38,6 +53,8 @@ class ProbeResult:
     metric: float
     #: validation RMSE per target (and forces, stress)
     errors: Dict[str, float] = field(default_factory=dict)
+    #: why the candidate was not probed ("" when it was)
+    skipped: str = ""
 
 
 def choose(results: Sequence[ProbeResult]) -> ProbeResult:
@@ -66,6 +83,12 @@ def table(results: Sequence[ProbeResult], columns: List[str]) -> List[str]:
     )
     lines = [header]
     for result in results:
+        if result.skipped:
+            lines.append(
+                f"  {result.name:10s} {result.parameters:10d} {'-':>6s} {'-':>7s} "
+                f"{result.seconds:7.1f} {'-':>10s}  skipped: {result.skipped}"
+            )
+            continue
         cells = "".join(
             f" {result.errors[column]:22.4g}"
             if column in result.errors
@@ -74,6 +97,12 @@ def table(results: Sequence[ProbeResult], columns: List[str]) -> List[str]:
         )
         lines.append(
             f"  {result.name:10s} {result.parameters:10d} {result.steps:6d} "
-            f"{result.epochs:7.2f} {result.seconds:7.1f} {result.metric:10.4g}" + cells
+            f"{result.epochs:7.2f} {result.seconds:7.1f} "
+            + (
+                f"{result.metric:10.4g}"
+                if math.isfinite(result.metric)
+                else f"{'-':>10s}"
+            )
+            + cells
         )
     return lines

@@ -50,7 +50,14 @@ from .calibration import fit_uncertainties
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
-from .probes import MAX_PROBE_VALIDATION, PROBE_SHARE, ProbeResult, choose, table
+from .probes import (
+    MAX_PROBE_VALIDATION,
+    MIN_PROBE_STEPS,
+    PROBE_SHARE,
+    ProbeResult,
+    choose,
+    table,
+)
 
 __all__ = ["Trainer", "TrainingResult", "evaluate_structures", "export_model"]
 
@@ -229,6 +236,9 @@ class Trainer:
     result: TrainingResult
     #: the targets trained on (those of the data)
     specs: Dict[str, TargetSpec]
+    #: ``last.ckpt`` and ``model.ckpt`` are written at most this often (seconds):
+    #: writing them after every epoch took 10 % of a 5-minute run on the example
+    CHECKPOINT_SECONDS = 20.0
 
     def __init__(
         self,
@@ -268,6 +278,14 @@ class Trainer:
         self.augmentation = False
         #: the probes of ``backbone: auto`` with a time limit, if any
         self.probes: List[ProbeResult] = []
+        # the probe of the winner: its optimizer and steps, for the run to go on
+        self._probe_optimizer: Optional[torch.optim.Optimizer] = None
+        self._probe_steps = 0
+        # checkpoints of the latest and the best epoch not written yet, and when
+        # the last were written (see _save_epoch)
+        self._unsaved_last: Optional[Tuple[Dict[str, Any], int]] = None
+        self._unsaved_best: Optional[Dict[str, Any]] = None
+        self._checkpoint_written: Optional[float] = None
         #: the learning-rate schedule's length (created by :meth:`run`)
         self.schedule = Schedule(1, 0)
         self.dtype = _dtype(options)
@@ -358,28 +376,26 @@ class Trainer:
     def _probe_backbones(
         self, data: DataSets, candidates: Dict[str, Dict[str, Any]]
     ) -> SymatomicModel:
-        """Train every candidate of ``backbone: auto`` for an equal share of the
-        time limit, log the table of their validation errors and return the
-        winner, trained (:mod:`symatomic.train.probes`)."""
+        """Train every candidate of ``backbone: auto`` that fits for an equal share
+        of the time limit, log the table of their validation errors and return the
+        winner, trained; its optimizer and steps are kept for the run to go on
+        (:mod:`symatomic.train.probes`)."""
         budget = self.budget
         budget.charge("setup")
         specs = dict(data.targets)
         n_end = self._structures_evaluated_at_end(data)
-        # the end of the run is set aside (estimated from the first probe's steps)
-        share = PROBE_SHARE * max(budget.left(), 0.0) / len(candidates)
+        left = max(budget.left(), 0.0)
+        share = PROBE_SHARE * left / len(candidates)
+        # what the winner has after the probes, the end of the run included
+        after_probes = (1.0 - PROBE_SHARE) * left
         validation = list(data.validation[:MAX_PROBE_VALIDATION])
         scored = validation if validation else list(data.train[:MAX_PROBE_VALIDATION])
-        self._log(
-            "backbone: auto with a time limit: probing %s for %s each on %s",
-            ", ".join(candidates),
-            format_duration(share),
-            f"{len(scored)} validation structures"
-            if validation
-            else f"{len(scored)} training structures (no validation set)",
-        )
-        results: List[ProbeResult] = []
+        batch_size = self.hypers["batch_size"]
+        results: Dict[str, ProbeResult] = {}
         models: Dict[str, SymatomicModel] = {}
         scales: Dict[str, Dict[str, List[float]]] = {}
+        estimates: Dict[str, float] = {}
+        # a candidate whose steps are too long for its share is not probed
         for name, hypers in candidates.items():
             start = budget.clock()
             torch.manual_seed(self.options["seed"])
@@ -389,47 +405,135 @@ class Trainer:
             scales[name] = model.fit_output_statistics(data.train)
             model.start_heads_small()
             model.to(device=self.device)
-            steps, epochs = self._train_probe(model, data, specs, share, n_end)
-            model.eval()
-            errors = evaluate_structures(
-                model,
-                scored,
-                specs,
-                self.hypers["batch_size"],
-                self.context,
-                self._loss_weights(specs),
-                _loss_scales(model, data.train, specs),
-            )
-            metric = errors.pop("loss", math.inf)
-            if not math.isfinite(metric):
-                metric = math.inf
-            results.append(
-                ProbeResult(
+            one = self._single_structure_step(model, data, specs)
+            estimates[name] = one * min(batch_size, len(data.train))
+            models[name] = model
+            fits = share / max(estimates[name], 1e-9)
+            if fits < MIN_PROBE_STEPS:
+                results[name] = ProbeResult(
                     name=name,
                     parameters=sum(p.numel() for p in model.parameters()),
-                    steps=steps,
-                    epochs=epochs,
+                    steps=0,
+                    epochs=0.0,
                     seconds=budget.clock() - start,
-                    metric=metric,
-                    errors={
-                        k: v for k, v in errors.items() if not k.startswith("mae:")
-                    },
+                    metric=math.inf,
+                    skipped=(
+                        f"a step would take ~{format_duration(estimates[name])} "
+                        f"({one:.2g} s per structure): {fits:.1f} steps in its "
+                        f"share, fewer than {MIN_PROBE_STEPS}"
+                    ),
                 )
+            else:
+                results[name] = ProbeResult(
+                    name, 0, 0, 0.0, budget.clock() - start, math.inf
+                )
+        probed = [name for name in candidates if not results[name].skipped]
+        if not probed:
+            # nothing fits: the candidate with the shortest steps goes on alone
+            fastest = min(candidates, key=lambda name: estimates[name])
+            results[fastest].skipped = ""
+            probed = [fastest]
+        self._log(
+            "backbone: auto with a time limit: probing %s for %s each on %s%s",
+            ", ".join(probed),
+            format_duration(share),
+            f"{len(scored)} validation structures"
+            if validation
+            else f"{len(scored)} training structures (no validation set)",
+            "; "
+            + ", ".join(f"{name} skipped" for name in candidates if name not in probed)
+            if len(probed) < len(candidates)
+            else "",
+        )
+        optimizers: Dict[str, torch.optim.Optimizer] = {}
+        for name in probed:
+            model = models[name]
+            start = budget.clock()
+            steps, epochs, optimizers[name] = self._train_probe(
+                model, data, specs, share, share + after_probes, n_end
             )
-            models[name] = model
+            metric = math.inf
+            errors: Dict[str, float] = {}
+            if len(probed) > 1:
+                model.eval()
+                errors = evaluate_structures(
+                    model,
+                    scored,
+                    specs,
+                    batch_size,
+                    self.context,
+                    self._loss_weights(specs),
+                    _loss_scales(model, data.train, specs),
+                )
+                metric = errors.pop("loss", math.inf)
+                if not math.isfinite(metric):
+                    metric = math.inf
+            result = results[name]
+            results[name] = ProbeResult(
+                name=name,
+                parameters=sum(p.numel() for p in model.parameters()),
+                steps=steps,
+                epochs=epochs,
+                seconds=result.seconds + budget.clock() - start,
+                metric=metric,
+                errors={k: v for k, v in errors.items() if not k.startswith("mae:")},
+                skipped=result.skipped,
+            )
         budget.charge("probes")
-        winner = choose(results)
+        ordered = [results[name] for name in candidates]
+        winner = choose([results[name] for name in probed])
         self._log("probes (validation RMSE in the targets' units):")
-        for line in table(results, _display_keys(specs)):
+        for line in table(ordered, _display_keys(specs)):
             self._log(line)
         self._log(
-            "backbone: auto -> %s (lowest validation loss after the probes); it "
-            "continues from its probe's weights",
+            "backbone: auto -> %s (%s); it goes on from its probe's weights, "
+            "optimizer and learning rate",
             winner.name,
+            "lowest validation loss after the probes"
+            if len(probed) > 1
+            else "the only candidate whose steps fit its share",
         )
         self._fitted_scales = scales[winner.name]
-        self.probes = results
+        self.probes = ordered
+        self._probe_optimizer = optimizers.get(winner.name)
+        self._probe_steps = winner.steps
         return models[winner.name]
+
+    def _single_structure_step(
+        self, model: SymatomicModel, data: DataSets, specs: Dict[str, TargetSpec]
+    ) -> float:
+        """Seconds of a training step on one structure (the largest of the first
+        few training structures), measured on the second of two steps that do not
+        change the model (learning rate and weight decay zero)."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+        weights = self._loss_weights(specs)
+        loss_scales = _loss_scales(model, data.train, specs)
+        with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
+        first = data.train[: min(len(data.train), 8)]
+        largest = max(range(len(first)), key=lambda i: len(first[i].types))
+        previous = self.augmentation
+        self.augmentation = False
+        model.train()
+        try:
+            seconds = 0.0
+            for _ in range(2):
+                start = self.clock()
+                self._train_step(
+                    [largest],
+                    0,
+                    0,
+                    optimizer,
+                    weights,
+                    loss_scales,
+                    with_gradients,
+                    ErrorAccumulator(specs),
+                    model=model,
+                )
+                seconds = self.clock() - start
+        finally:
+            self.augmentation = previous
+            optimizer.zero_grad(set_to_none=True)
+        return seconds
 
     def _train_probe(
         self,
@@ -437,17 +541,22 @@ class Trainer:
         data: DataSets,
         specs: Dict[str, TargetSpec],
         seconds: float,
+        run_seconds: float,
         n_end: float,
-    ) -> Tuple[int, float]:
-        """Train ``model`` for ``seconds`` (its evaluation included) with a warm-up
-        and cosine schedule planned in optimizer steps; returns the steps and
-        epochs done."""
+    ) -> Tuple[int, float, torch.optim.Optimizer]:
+        """Train ``model`` for ``seconds`` (its evaluation included) as the start of
+        a run of ``run_seconds`` (the probe and the rest of the limit, the end of
+        the run included): the warm-up and cosine schedule are planned in optimizer
+        steps for that run. Returns the steps and epochs done and the optimizer."""
         hypers = self.hypers
         batch_size = hypers["batch_size"]
         n_train = len(data.train)
+        n_validation = len(data.validation)
         steps_per_epoch = max(1, math.ceil(n_train / batch_size))
         probe_budget = TimeBudget(seconds, self.clock)
-        schedule = Schedule(1, 10**9)
+        # the probe's steps, and the steps of the run it starts (the schedule's)
+        probe = Schedule(1, 10**9)
+        run = Schedule(1, 10**9)
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=hypers["learning_rate"],
@@ -455,7 +564,7 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: _learning_rate_factor(step, schedule.total_steps, hypers),
+            lambda step: _learning_rate_factor(step, run.total_steps, hypers),
         )
         weights = self._loss_weights(specs)
         loss_scales = _loss_scales(model, data.train, specs)
@@ -465,13 +574,14 @@ class Trainer:
         self.augmentation = (
             (not model.exactly_equivariant) if augmentation == "auto" else augmentation
         )
-        n_scored = min(len(data.validation) or n_train, MAX_PROBE_VALIDATION)
+        n_scored = min(n_validation or n_train, MAX_PROBE_VALIDATION)
+        share = EpochPlanner.EVALUATION_SHARE
         step_seconds: List[float] = []
         seed = self.options["seed"]
         step = 0
         model.train()
         try:
-            while step < schedule.total_steps:
+            while step < probe.total_steps:
                 epoch, position = divmod(step, steps_per_epoch)
                 order = np.random.default_rng(seed * _MIX + epoch).permutation(n_train)
                 chunk = order[position * batch_size : (position + 1) * batch_size]
@@ -496,14 +606,24 @@ class Trainer:
                 # after the step that reaches its share, not after an epoch
                 recent = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
                 per_step = median(recent[-20:])
-                evaluation = 0.5 * per_step / batch_size * n_scored
+                evaluation = share * per_step / batch_size
                 planned = probe_budget.plan_epochs(
-                    step, 10**9, per_step, evaluation, minimum=1
+                    step, 10**9, per_step, evaluation * n_scored, minimum=1
                 )
-                schedule.epochs = self.context.broadcast_int(planned)
+                probe.epochs = self.context.broadcast_int(planned)
+                # the run: its steps with their share of the validation of every
+                # epoch, after the end of the run is set aside
+                end = evaluation * n_end + TimeBudget.EXPORT_SECONDS
+                per_run_step = per_step + evaluation * n_validation / steps_per_epoch
+                left = run_seconds - probe_budget.elapsed() - end
+                more = int(max(left, 0.0) * (1.0 - TimeBudget.SAFETY) // per_run_step)
+                cap = epoch_cap(hypers["num_epochs"], True) * steps_per_epoch
+                run.epochs = self.context.broadcast_int(
+                    max(min(step + more, cap), planned)
+                )
         finally:
             self.augmentation = previous
-        return step, step / steps_per_epoch
+        return step, step / steps_per_epoch, optimizer
 
     def _load_pretrained(self, path: str, pretrained: Dict[str, Any]) -> None:
         """Start from the (best) weights of another checkpoint: the backbone must
@@ -704,11 +824,17 @@ class Trainer:
             loss_scales = _loss_scales(model, data.train, specs)
 
         hypers = self.hypers
-        optimizer = torch.optim.AdamW(
+        # the winner of the probes goes on with its optimizer, and its steps count
+        # in the learning-rate schedule (warm-up and cosine over the whole run)
+        optimizer = self._probe_optimizer or torch.optim.AdamW(
             model.parameters(),
             lr=hypers["learning_rate"],
             weight_decay=hypers["weight_decay"],
         )
+        self._probe_optimizer = None
+        offset = self._probe_steps
+        if checkpoint is not None:
+            offset = int(checkpoint.get("probe_steps", 0))
         n_train = len(data.train)
         batch_size = hypers["batch_size"]
         steps_per_epoch = max(1, math.ceil(n_train / batch_size))
@@ -721,7 +847,9 @@ class Trainer:
             schedule.epochs = min(cap, int(checkpoint.get("planned_epochs", cap)))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: _learning_rate_factor(step, schedule.total_steps, hypers),
+            lambda step: _learning_rate_factor(
+                offset + step, offset + schedule.total_steps, hypers
+            ),
         )
 
         start_epoch = 0
@@ -935,6 +1063,7 @@ class Trainer:
                 "history": history,
                 "planned_epochs": schedule.epochs,
                 "time_used": budget.elapsed() if budget.limited else 0.0,
+                "probe_steps": offset,
             }
             if self.context.is_main:
                 self._save_epoch(checkpoint_data, epoch, best_epoch == epoch)
@@ -942,6 +1071,8 @@ class Trainer:
             budget.charge("checkpoints")
             epoch += 1
 
+        if self.context.is_main:
+            self._flush_checkpoints()
         # final evaluation with the best model
         self.stage = "finishing"
         model.load_state_dict(best_state)
@@ -999,6 +1130,7 @@ class Trainer:
                 "history": history,
                 "planned_epochs": schedule.epochs,
                 "time_used": self.budget.elapsed() if self.budget.limited else 0.0,
+                "probe_steps": offset,
             }
         exported = None
         plots: List[str] = []
@@ -1059,22 +1191,51 @@ class Trainer:
     def _save_epoch(
         self, checkpoint_data: Dict[str, Any], epoch: int, is_best: bool
     ) -> None:
-        """Write the checkpoints of an epoch (main process only): ``last.ckpt``,
-        ``checkpoints/epoch-N.ckpt`` every ``checkpoint_interval`` epochs, and
-        ``model.ckpt`` when the epoch is the best so far."""
-        last = os.path.join(self.output_dir, "last.ckpt")
-        save_checkpoint(checkpoint_data, last)
-        self.last_checkpoint = last
-        self.last_epoch = epoch + 1
+        """Write the checkpoints of an epoch (main process only): ``last.ckpt`` and,
+        when the epoch is the best so far, ``model.ckpt``, at most once every
+        :attr:`CHECKPOINT_SECONDS` (what an epoch in between would have written
+        waits for the next write or :meth:`_flush_checkpoints`), and
+        ``checkpoints/epoch-N.ckpt`` every ``checkpoint_interval`` epochs."""
         if (epoch + 1) % self.hypers["checkpoint_interval"] == 0:
             save_checkpoint(
                 checkpoint_data,
                 os.path.join(self.output_dir, "checkpoints", f"epoch-{epoch + 1}.ckpt"),
             )
         if is_best:
+            # the best epoch's own state, kept until it is written
+            self._unsaved_best = {
+                key: value
+                if key in ("model_state_dict", "best_model_state_dict")
+                else copy.deepcopy(value)
+                for key, value in checkpoint_data.items()
+            }
+            self._unsaved_best["model_state_dict"] = checkpoint_data[
+                "best_model_state_dict"
+            ]
+        self._unsaved_last = (checkpoint_data, epoch)
+        # the real clock (not the trainer's, which tests replace): disk time
+        now = time.monotonic()
+        if (
+            self._checkpoint_written is None
+            or now - self._checkpoint_written >= self.CHECKPOINT_SECONDS
+        ):
+            self._flush_checkpoints()
+            self._checkpoint_written = now
+
+    def _flush_checkpoints(self) -> None:
+        """Write what :meth:`_save_epoch` has not written yet (main process)."""
+        if self._unsaved_best is not None:
             save_checkpoint(
-                checkpoint_data, os.path.join(self.output_dir, "model.ckpt")
+                self._unsaved_best, os.path.join(self.output_dir, "model.ckpt")
             )
+            self._unsaved_best = None
+        if self._unsaved_last is not None:
+            checkpoint_data, epoch = self._unsaved_last
+            last = os.path.join(self.output_dir, "last.ckpt")
+            save_checkpoint(checkpoint_data, last)
+            self.last_checkpoint = last
+            self.last_epoch = epoch + 1
+            self._unsaved_last = None
 
     def _parity_plots(
         self,
