@@ -355,6 +355,37 @@ def test_auto_skips_candidates_whose_steps_do_not_fit(
     assert "the only candidate whose steps fit its share" in caplog.text
 
 
+def test_auto_stops_probes_far_behind_after_the_first_round(
+    synthetic_file, tmp_path, monkeypatch
+):
+    """The probes run in two rounds: a candidate whose validation loss after the
+    first is ELIMINATION_RATIO times the best or more does not get its second."""
+    from symatomic.train.probes import ELIMINATION_RATIO
+
+    def score(self, model, data, scored, specs):
+        parameters = sum(p.numel() for p in model.parameters())
+        if parameters > 10**6:  # the default PET, far behind
+            return 2 * ELIMINATION_RATIO, {}
+        return (1.0 if model.hypers["backbone"] == "soap" else 1.2), {}
+
+    monkeypatch.setattr(Trainer, "_score_probe", score)
+    trainer = Trainer(
+        _auto_options(synthetic_file),
+        str(tmp_path / "run"),
+        progress=False,
+        clock=FakeClock(0.02),
+    )
+    trainer.run()
+    probes = {p.name: p for p in trainer.probes}
+    assert "stopped after the first round" in probes["pet"].stopped
+    assert not probes["soap"].stopped and not probes["pet-small"].stopped
+    # the stopped candidate had one round, the others two
+    assert probes["pet"].steps < probes["pet-small"].steps
+    assert probes["pet"].seconds < 0.75 * probes["pet-small"].seconds
+    assert choose([probes["soap"], probes["pet-small"]]).name == "soap"
+    assert trainer.model.hypers["backbone"] == "soap"
+
+
 def test_cli_time_limit(synthetic_file, tmp_path, capsys):
     import yaml
 

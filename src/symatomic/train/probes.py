@@ -7,16 +7,19 @@ backbone, a small PET, the default PET) gets the same share of the time limit
 step on a single structure estimates its step on a whole batch; a candidate whose
 share holds fewer than :data:`MIN_PROBE_STEPS` such steps is skipped (a large model
 on large structures: after one or two steps a probe says nothing, and the full run
-would have few steps too). The others are trained for their share from the same seed
-and on the same batches, each probe being the start of the run it would have if it
-won: the warm-up and cosine schedule are planned for the whole time limit. Then its
-validation loss (the trainer's metric: weighted, normalised squared errors of every
-target, forces and stress) is measured on the validation set. The candidate with the
-lowest loss wins (the earlier candidate on ties) and goes on where its probe
-stopped, with its weights, its optimizer's state and its place in the learning-rate
-schedule, so that the time of the winner's probe is not lost. Everything random
-comes from the seed, everything timed from the trainer's clock: with the same seed
-and the same timings, the same candidate wins.
+would have few steps too). The others are trained from the same seed and on the
+same batches, each probe being the start of the run it would have if it won: the
+warm-up and cosine schedule are planned for the whole time limit. They are trained
+in two rounds of half their share; after each round their validation loss (the
+trainer's metric: weighted, normalised squared errors of every target, forces and
+stress) is measured on the validation set, and after the first, a candidate whose
+loss is :data:`ELIMINATION_RATIO` times the best or more stops (its second half is
+not spent). The candidate with the lowest loss wins (the earlier candidate on ties)
+and goes on where its probe stopped, with its weights, its optimizer's state and its
+place in the learning-rate schedule, so that the time of the winner's probe is not
+lost; a candidate that is alone (the others skipped or stopped) wins without more
+rounds. Everything random comes from the seed, everything timed from the trainer's
+clock: with the same seed and the same timings, the same candidate wins.
 """
 
 import math
@@ -27,17 +30,21 @@ __all__ = [
     "PROBE_SHARE",
     "MAX_PROBE_VALIDATION",
     "MIN_PROBE_STEPS",
+    "ELIMINATION_RATIO",
     "ProbeResult",
     "choose",
     "table",
 ]
 
 #: share of the time left (after setting the end aside) that all probes take
-PROBE_SHARE = 0.3
+PROBE_SHARE = 0.24
 #: at most this many validation structures are evaluated after each probe
 MAX_PROBE_VALIDATION = 100
 #: a candidate whose share holds fewer optimizer steps than this is not probed
 MIN_PROBE_STEPS = 8
+#: after the first of the two rounds, a candidate whose validation loss is this
+#: many times the best or more stops
+ELIMINATION_RATIO = 1.5
 
 
 @dataclass
@@ -55,6 +62,8 @@ class ProbeResult:
     errors: Dict[str, float] = field(default_factory=dict)
     #: why the candidate was not probed ("" when it was)
     skipped: str = ""
+    #: why the candidate's probe stopped after the first round ("" when it did not)
+    stopped: str = ""
 
 
 def choose(results: Sequence[ProbeResult]) -> ProbeResult:
@@ -104,5 +113,6 @@ def table(results: Sequence[ProbeResult], columns: List[str]) -> List[str]:
                 else f"{'-':>10s}"
             )
             + cells
+            + (f"  {result.stopped}" if result.stopped else "")
         )
     return lines

@@ -51,6 +51,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
 from .probes import (
+    ELIMINATION_RATIO,
     MAX_PROBE_VALIDATION,
     MIN_PROBE_STEPS,
     PROBE_SHARE,
@@ -445,43 +446,53 @@ class Trainer:
             if len(probed) < len(candidates)
             else "",
         )
-        optimizers: Dict[str, torch.optim.Optimizer] = {}
+        # two rounds of half a share each; after the first, a candidate whose
+        # validation loss is ELIMINATION_RATIO times the best or more stops
+        probes = {
+            name: _Probe(self, models[name], data, specs, share + after_probes, n_end)
+            for name in probed
+        }
+        metrics: Dict[str, float] = {}
+        errors: Dict[str, Dict[str, float]] = {}
+        alive = list(probed)
+        for round_ in range(2):
+            for name in alive:
+                start = budget.clock()
+                probes[name].train_for(0.5 * share)
+                if len(alive) > 1:
+                    metrics[name], errors[name] = self._score_probe(
+                        models[name], data, scored, specs
+                    )
+                results[name].seconds += budget.clock() - start
+            if round_ == 0 and len(alive) > 1:
+                best = min(metrics[name] for name in alive)
+                alive = [
+                    name
+                    for name in alive
+                    if math.isfinite(metrics[name])
+                    and metrics[name] < ELIMINATION_RATIO * best
+                ] or [alive[0]]
+            if len(alive) == 1:
+                break
         for name in probed:
-            model = models[name]
-            start = budget.clock()
-            steps, epochs, optimizers[name] = self._train_probe(
-                model, data, specs, share, share + after_probes, n_end
-            )
-            metric = math.inf
-            errors: Dict[str, float] = {}
-            if len(probed) > 1:
-                model.eval()
-                errors = evaluate_structures(
-                    model,
-                    scored,
-                    specs,
-                    batch_size,
-                    self.context,
-                    self._loss_weights(specs),
-                    _loss_scales(model, data.train, specs),
-                )
-                metric = errors.pop("loss", math.inf)
-                if not math.isfinite(metric):
-                    metric = math.inf
-            result = results[name]
+            probe = probes[name]
             results[name] = ProbeResult(
                 name=name,
-                parameters=sum(p.numel() for p in model.parameters()),
-                steps=steps,
-                epochs=epochs,
-                seconds=result.seconds + budget.clock() - start,
-                metric=metric,
-                errors={k: v for k, v in errors.items() if not k.startswith("mae:")},
-                skipped=result.skipped,
+                parameters=sum(p.numel() for p in models[name].parameters()),
+                steps=probe.step,
+                epochs=probe.epochs,
+                seconds=results[name].seconds,
+                metric=metrics.get(name, math.inf),
+                errors=errors.get(name, {}),
+                skipped=results[name].skipped,
+                stopped=""
+                if name in alive
+                else f"stopped after the first round ({ELIMINATION_RATIO}x the "
+                "best loss or more)",
             )
         budget.charge("probes")
         ordered = [results[name] for name in candidates]
-        winner = choose([results[name] for name in probed])
+        winner = choose([results[name] for name in alive])
         self._log("probes (validation RMSE in the targets' units):")
         for line in table(ordered, _display_keys(specs)):
             self._log(line)
@@ -495,9 +506,33 @@ class Trainer:
         )
         self._fitted_scales = scales[winner.name]
         self.probes = ordered
-        self._probe_optimizer = optimizers.get(winner.name)
+        self._probe_optimizer = probes[winner.name].optimizer
         self._probe_steps = winner.steps
         return models[winner.name]
+
+    def _score_probe(
+        self,
+        model: SymatomicModel,
+        data: DataSets,
+        scored: List[Structure],
+        specs: Dict[str, TargetSpec],
+    ) -> Tuple[float, Dict[str, float]]:
+        """Validation loss and RMSE per target of a probe's model."""
+        model.eval()
+        errors = evaluate_structures(
+            model,
+            scored,
+            specs,
+            self.hypers["batch_size"],
+            self.context,
+            self._loss_weights(specs),
+            _loss_scales(model, data.train, specs),
+        )
+        model.train()
+        metric = errors.pop("loss", math.inf)
+        if not math.isfinite(metric):
+            metric = math.inf
+        return metric, {k: v for k, v in errors.items() if not k.startswith("mae:")}
 
     def _single_structure_step(
         self, model: SymatomicModel, data: DataSets, specs: Dict[str, TargetSpec]
@@ -534,96 +569,6 @@ class Trainer:
             self.augmentation = previous
             optimizer.zero_grad(set_to_none=True)
         return seconds
-
-    def _train_probe(
-        self,
-        model: SymatomicModel,
-        data: DataSets,
-        specs: Dict[str, TargetSpec],
-        seconds: float,
-        run_seconds: float,
-        n_end: float,
-    ) -> Tuple[int, float, torch.optim.Optimizer]:
-        """Train ``model`` for ``seconds`` (its evaluation included) as the start of
-        a run of ``run_seconds`` (the probe and the rest of the limit, the end of
-        the run included): the warm-up and cosine schedule are planned in optimizer
-        steps for that run. Returns the steps and epochs done and the optimizer."""
-        hypers = self.hypers
-        batch_size = hypers["batch_size"]
-        n_train = len(data.train)
-        n_validation = len(data.validation)
-        steps_per_epoch = max(1, math.ceil(n_train / batch_size))
-        probe_budget = TimeBudget(seconds, self.clock)
-        # the probe's steps, and the steps of the run it starts (the schedule's)
-        probe = Schedule(1, 10**9)
-        run = Schedule(1, 10**9)
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=hypers["learning_rate"],
-            weight_decay=hypers["weight_decay"],
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: _learning_rate_factor(step, run.total_steps, hypers),
-        )
-        weights = self._loss_weights(specs)
-        loss_scales = _loss_scales(model, data.train, specs)
-        with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
-        augmentation = self.hypers["augmentation"]
-        previous = self.augmentation
-        self.augmentation = (
-            (not model.exactly_equivariant) if augmentation == "auto" else augmentation
-        )
-        n_scored = min(n_validation or n_train, MAX_PROBE_VALIDATION)
-        share = EpochPlanner.EVALUATION_SHARE
-        step_seconds: List[float] = []
-        seed = self.options["seed"]
-        step = 0
-        model.train()
-        try:
-            while step < probe.total_steps:
-                epoch, position = divmod(step, steps_per_epoch)
-                order = np.random.default_rng(seed * _MIX + epoch).permutation(n_train)
-                chunk = order[position * batch_size : (position + 1) * batch_size]
-                start = self.clock()
-                self._train_step(
-                    chunk.tolist(),
-                    epoch,
-                    position,
-                    optimizer,
-                    weights,
-                    loss_scales,
-                    with_gradients,
-                    ErrorAccumulator(specs),
-                    model=model,
-                )
-                scheduler.step()
-                step_seconds.append(self.clock() - start)
-                step += 1
-                # re-planned after every step (the schedule's unit is a step): the
-                # steps that fit, the evaluation of the probe set aside; a probe
-                # whose steps are long (a large model on large structures) stops
-                # after the step that reaches its share, not after an epoch
-                recent = step_seconds[1:] if len(step_seconds) > 1 else step_seconds
-                per_step = median(recent[-20:])
-                evaluation = share * per_step / batch_size
-                planned = probe_budget.plan_epochs(
-                    step, 10**9, per_step, evaluation * n_scored, minimum=1
-                )
-                probe.epochs = self.context.broadcast_int(planned)
-                # the run: its steps with their share of the validation of every
-                # epoch, after the end of the run is set aside
-                end = evaluation * n_end + TimeBudget.EXPORT_SECONDS
-                per_run_step = per_step + evaluation * n_validation / steps_per_epoch
-                left = run_seconds - probe_budget.elapsed() - end
-                more = int(max(left, 0.0) * (1.0 - TimeBudget.SAFETY) // per_run_step)
-                cap = epoch_cap(hypers["num_epochs"], True) * steps_per_epoch
-                run.epochs = self.context.broadcast_int(
-                    max(min(step + more, cap), planned)
-                )
-        finally:
-            self.augmentation = previous
-        return step, step / steps_per_epoch, optimizer
 
     def _load_pretrained(self, path: str, pretrained: Dict[str, Any]) -> None:
         """Start from the (best) weights of another checkpoint: the backbone must
@@ -700,7 +645,18 @@ class Trainer:
             len(data.test),
             data.atomic_types,
         )
-        self._train(data, checkpoint)
+        try:
+            self._train(data, checkpoint)
+        except KeyboardInterrupt:
+            # the best epoch's checkpoint, if it waits to be written, is a
+            # snapshot: it is written (the latest epoch's refers to the weights
+            # that training has changed since, and is not)
+            if self.context.is_main and self._unsaved_best is not None:
+                save_checkpoint(
+                    self._unsaved_best, os.path.join(self.output_dir, "model.ckpt")
+                )
+                self._unsaved_best = None
+            raise
         return self.result
 
     def _load_data(self, checkpoint: Optional[Dict[str, Any]]) -> DataSets:
@@ -1481,3 +1437,131 @@ def export_model(model: Any, path: str) -> None:
     exported = model.export() if isinstance(model, SymatomicModel) else model
     with atomic_write(path) as temporary:
         exported.save(temporary)
+
+
+class _Probe:
+    """The start of a candidate's run for ``backbone: auto`` (see
+    :mod:`symatomic.train.probes`), trained in rounds: its optimizer, its
+    warm-up and cosine schedule, planned in optimizer steps for the whole run it
+    would have if it won, and the steps done.
+
+    :param trainer: the trainer (its data, training step and clock)
+    :param model: the candidate's model
+    :param data: the data sets
+    :param specs: the targets
+    :param run_seconds: the run's seconds if the candidate wins: its share of the
+        probes and the rest of the limit, the end of the run included
+    :param n_end: structures evaluated after the last epoch
+        (:meth:`Trainer._structures_evaluated_at_end`)
+    """
+
+    def __init__(
+        self,
+        trainer: "Trainer",
+        model: SymatomicModel,
+        data: DataSets,
+        specs: Dict[str, TargetSpec],
+        run_seconds: float,
+        n_end: float,
+    ):
+        self.trainer = trainer
+        self.model = model
+        self.data = data
+        self.specs = specs
+        self.run_seconds = run_seconds
+        self.n_end = n_end
+        hypers = trainer.hypers
+        self.hypers = hypers
+        self.batch_size = hypers["batch_size"]
+        self.steps_per_epoch = max(1, math.ceil(len(data.train) / self.batch_size))
+        #: the steps of the run the probe starts (the schedule's length)
+        self.run = Schedule(1, 10**9)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=hypers["learning_rate"],
+            weight_decay=hypers["weight_decay"],
+        )
+        run = self.run
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: _learning_rate_factor(step, run.total_steps, hypers),
+        )
+        self.weights = trainer._loss_weights(specs)
+        self.loss_scales = _loss_scales(model, data.train, specs)
+        self.with_gradients = any(s.has_forces or s.has_stress for s in specs.values())
+        augmentation = hypers["augmentation"]
+        self.augmentation = (
+            (not model.exactly_equivariant) if augmentation == "auto" else augmentation
+        )
+        #: optimizer steps done
+        self.step = 0
+        #: seconds of every step, and of the probe's training in all
+        self.step_seconds: List[float] = []
+        self.seconds = 0.0
+
+    @property
+    def epochs(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def train_for(self, seconds: float) -> None:
+        """Train for ``seconds`` (the evaluation of the round's model included),
+        re-planning after every step: the steps that fit, and the run's length. A
+        round has at least one step; one whose steps are long stops after the
+        step that reaches its time, not after an epoch."""
+        trainer = self.trainer
+        context = trainer.context
+        n_train = len(self.data.train)
+        n_validation = len(self.data.validation)
+        n_scored = min(n_validation or n_train, MAX_PROBE_VALIDATION)
+        share = EpochPlanner.EVALUATION_SHARE
+        budget = TimeBudget(seconds, trainer.clock)
+        rounds = Schedule(1, self.step + 1)
+        seed = trainer.options["seed"]
+        cap = epoch_cap(self.hypers["num_epochs"], True) * self.steps_per_epoch
+        previous = trainer.augmentation
+        trainer.augmentation = self.augmentation
+        self.model.train()
+        try:
+            while self.step < rounds.total_steps:
+                epoch, position = divmod(self.step, self.steps_per_epoch)
+                order = np.random.default_rng(seed * _MIX + epoch).permutation(n_train)
+                chunk = order[
+                    position * self.batch_size : (position + 1) * self.batch_size
+                ]
+                start = trainer.clock()
+                trainer._train_step(
+                    chunk.tolist(),
+                    epoch,
+                    position,
+                    self.optimizer,
+                    self.weights,
+                    self.loss_scales,
+                    self.with_gradients,
+                    ErrorAccumulator(self.specs),
+                    model=self.model,
+                )
+                self.scheduler.step()
+                elapsed = trainer.clock() - start
+                self.step_seconds.append(elapsed)
+                self.seconds += elapsed
+                self.step += 1
+                recent = self.step_seconds[1:] or self.step_seconds
+                per_step = median(recent[-20:])
+                evaluation = share * per_step / self.batch_size
+                planned = budget.plan_epochs(
+                    self.step, 10**9, per_step, evaluation * n_scored, minimum=1
+                )
+                rounds.epochs = context.broadcast_int(planned)
+                # the run: its steps with their share of the validation of every
+                # epoch, after the end of the run is set aside
+                end = evaluation * self.n_end + TimeBudget.EXPORT_SECONDS
+                per_run_step = (
+                    per_step + evaluation * n_validation / self.steps_per_epoch
+                )
+                left = self.run_seconds - self.seconds - end
+                more = int(max(left, 0.0) * (1.0 - TimeBudget.SAFETY) // per_run_step)
+                self.run.epochs = context.broadcast_int(
+                    max(min(self.step + more, cap), planned)
+                )
+        finally:
+            trainer.augmentation = previous
