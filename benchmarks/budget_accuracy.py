@@ -24,6 +24,7 @@ the rest for training). Tensors are given to every model as the same spherical b
 * ``qm7x_chno``: μ, α; 10/20 of 100; ``qm7x_polarizability``: α; 10/20 of 100;
 * ``methane``: energy + forces; 10/20 of 100;
 * ``example``: the bundled water clusters: energy + forces, μ, α, β; 30/30 of 300;
+  ``example_ef``: the same, energy + forces only (what MACE is trained on);
 * ``methanol_liquid``: periodic boxes of 16 methanol molecules, GFN1-xTB energies
   and forces (``benchmarks/data/methanol_liquid.xyz``, made by
   ``scripts/make_liquid_data.py``); 20/20 of 200;
@@ -113,6 +114,7 @@ DATA_SETS: Dict[str, Tuple[str, Dict[str, str], bool, Tuple[int, int]]] = {
         True,
         (30, 30),
     ),
+    "example_ef": ("example", {}, True, (30, 30)),
     "methanol_liquid": ("methanol_liquid", {}, True, (20, 20)),
     "water_liquid": ("water_liquid", {}, True, (20, 20)),
 }
