@@ -1,6 +1,12 @@
-"""Shared fixtures: small synthetic data sets with exactly known tensor targets."""
+"""Shared fixtures: small synthetic data sets with exactly known tensor targets, and
+the random seed of every test.
+
+Randomized tests (random rotations, inversions, permutations, structures) draw
+fresh values on every run, from generators seeded per test with a fresh seed; a
+failing test prints its seed, and ``SYMATOMIC_TEST_SEED=N`` repeats it exactly."""
 
 import os
+import random
 from typing import List
 
 import ase
@@ -130,6 +136,41 @@ def tiny_options(path: str, targets: dict, epochs: int = 3, **training) -> dict:
         "validation_set": 0.25,
         "test_set": 0.0,
     }
+
+
+SEED_VARIABLE = "SYMATOMIC_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def random_seed(request) -> int:
+    """The seed of this test: ``SYMATOMIC_TEST_SEED`` when set, else a fresh one;
+    torch's, NumPy's and Python's global generators are seeded with it (tests draw
+    their own generators' seeds with :func:`fresh_seed`)."""
+    value = os.environ.get(SEED_VARIABLE)
+    seed = int(value) if value else int.from_bytes(os.urandom(4), "little") >> 1
+    request.node.random_seed = seed
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report names its seed and how to repeat it."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "random_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(
+            ("random seed", f"{seed}: repeat with {SEED_VARIABLE}={seed}")
+        )
+
+
+def fresh_seed() -> int:
+    """A seed for a test's own generator, drawn from the generators that
+    :func:`random_seed` seeded (so the test's seed fixes it)."""
+    return int(np.random.randint(2**31))
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import torch
 
 from conftest import (
     TINY_MODEL,
+    fresh_seed,
     predict_structure,
     random_operation,
     relative_error,
@@ -58,7 +59,7 @@ def _projections(module, vectors, features, centers, n_atoms, cutoff=3.5):
 
 def test_projections_are_the_sum_over_angles():
     """p_{ij,l,c} = Σ_k g_{l,c}(k) P_l(r̂_ij · r̂_ik) / N_avg, from the O(n²) sum."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     torch.manual_seed(int(rng.integers(2**31)))
     module = PairDensityProjections(
         6, max_angular=4, max_radial=3, n_channels=2, n_outputs=3
@@ -90,7 +91,7 @@ def test_projections_are_the_sum_over_angles():
 
 
 def test_projections_are_invariant():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     seed = int(rng.integers(2**31))
     module = PairDensityProjections(5, max_angular=5, n_channels=3, n_outputs=4).to(
         torch.float64
@@ -125,7 +126,7 @@ def _random_structure(rng, periodic):
 def test_invariant_pet_is_exactly_invariant(periodic):
     """Energy, forces and stress under random rotations, inversions, permutations."""
     model = _model()
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     rng = np.random.default_rng(seed)
     atoms = _random_structure(rng, periodic)
     specs = model.target_specs
@@ -152,7 +153,7 @@ def test_forces_are_gradients_and_scans_are_smooth():
     """Forces equal -dE/dx by central differences; the energy along a scan in which
     one atom leaves the cutoff and three atoms become collinear has no jumps."""
     model = _model()
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     atoms = _random_structure(rng, False)
     _, forces = _energy_and_forces(model, atoms)
     delta = 1e-5

@@ -10,7 +10,13 @@ import torch
 from metatomic.torch import ModelEvaluationOptions, ModelOutput, systems_to_torch
 
 import symatomic.io
-from conftest import SMALL_SOAP, TINY_MODEL, random_operation, relative_error
+from conftest import (
+    SMALL_SOAP,
+    TINY_MODEL,
+    fresh_seed,
+    random_operation,
+    relative_error,
+)
 from symatomic.data.targets import parse_target_options
 from symatomic.model import SymatomicModel
 
@@ -64,7 +70,7 @@ def _features(exported, frames, sample_kind: str, selected=None):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_features_are_exactly_invariant(config):
     model, exported = _exported(config)
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     rng = np.random.default_rng(seed)
     atoms = _structure(rng)
     reference = _features(exported, [atoms], "atom")
@@ -87,7 +93,7 @@ def test_per_structure_features_are_sums_over_the_selected_atoms():
     from metatensor.torch import Labels
 
     _, exported = _exported("default")
-    rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
+    rng = np.random.default_rng(fresh_seed())
     frames = [_structure(rng), _structure(rng)]
     per_atom = _features(exported, frames, "atom")
     per_structure = _features(exported, frames, "system")

@@ -12,6 +12,7 @@ import symatomic.io
 from conftest import (
     SMALL_SOAP,
     TINY_MODEL,
+    fresh_seed,
     predict_structure,
     random_operation,
     relative_error,
@@ -94,7 +95,7 @@ def test_basis_heads_are_exactly_equivariant(configuration, periodic):
     model = _model(configuration)
     assert model.exactly_equivariant
     specs = model.target_specs
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     rng = np.random.default_rng(seed)
     atoms = _random_crystal(rng) if periodic else _random_molecule(rng)
     for improper in (False, True):

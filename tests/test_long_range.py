@@ -14,7 +14,13 @@ from metatomic.torch import (
 )
 
 import symatomic.io
-from conftest import SMALL_SOAP, TINY_MODEL, random_operation, relative_error
+from conftest import (
+    SMALL_SOAP,
+    TINY_MODEL,
+    fresh_seed,
+    random_operation,
+    relative_error,
+)
 from symatomic.data.targets import parse_target_options
 from symatomic.long_range import EWALD_AUTO_ATOMS, check_long_range_options
 from symatomic.model import SymatomicModel
@@ -143,7 +149,7 @@ def test_long_range_models_are_exactly_equivariant(config, use_ewald):
     rotated with the atoms) and of a molecule, in one batch: invariant energies,
     equivariant dipoles and polarizabilities, to 1e-12."""
     exported = _model(config, use_ewald).export()
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     rng = np.random.default_rng(seed)
     frames = [_random_cell(rng, 10), _molecule(rng, 6)]
     names = list(_specs())

@@ -17,6 +17,7 @@ import symatomic.io
 from conftest import (
     SMALL_SOAP,
     TINY_MODEL,
+    fresh_seed,
     make_frames,
     random_operation,
     relative_error,
@@ -106,7 +107,7 @@ ENSEMBLES = [
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_last_layer_features_reproduce_the_outputs(config):
     model = _randomly_fitted(config)
-    rng = np.random.default_rng(int(np.random.default_rng().integers(2**31)))
+    rng = np.random.default_rng(fresh_seed())
     structures = []
     for atoms in (_structure(rng), _structure(rng, 5)):
         structure = structure_from_atoms(atoms, "test")
@@ -143,7 +144,7 @@ def test_uncertainties_are_invariant_and_ensembles_equivariant(config):
     exported = model.export()
     for name in UNCERTAINTIES + ENSEMBLES:
         assert name in exported.capabilities().outputs
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     rng = np.random.default_rng(seed)
     atoms = _structure(rng)
     names = UNCERTAINTIES + ENSEMBLES
@@ -251,7 +252,7 @@ def test_float32_uncertainties_of_features_with_a_large_common_component():
 
     from symatomic.uncertainty import BlockUncertainty
 
-    seed = int(np.random.default_rng().integers(2**31))
+    seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     n = 32
     common = 30.0 * torch.randn(n, dtype=torch.float64, generator=generator)

@@ -1158,16 +1158,20 @@ class Trainer:
                 os.path.join(self.output_dir, "checkpoints", f"epoch-{epoch + 1}.ckpt"),
             )
         if is_best:
-            # the best epoch's own state, kept until it is written
-            self._unsaved_best = {
-                key: value
-                if key in ("model_state_dict", "best_model_state_dict")
-                else copy.deepcopy(value)
-                for key, value in checkpoint_data.items()
-            }
-            self._unsaved_best["model_state_dict"] = checkpoint_data[
-                "best_model_state_dict"
-            ]
+            # the best epoch's own state, kept until it is written: copies of what
+            # training changes in place (the optimizer's state) or appends to
+            # (the history); the best weights are a copy already
+            self._unsaved_best = dict(
+                checkpoint_data,
+                model_state_dict=checkpoint_data["best_model_state_dict"],
+                optimizer_state_dict=copy.deepcopy(
+                    checkpoint_data["optimizer_state_dict"]
+                ),
+                scheduler_state_dict=copy.deepcopy(
+                    checkpoint_data["scheduler_state_dict"]
+                ),
+                history=list(checkpoint_data["history"]),
+            )
         self._unsaved_last = (checkpoint_data, epoch)
         # the real clock (not the trainer's, which tests replace): disk time
         now = time.monotonic()
