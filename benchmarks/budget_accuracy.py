@@ -54,7 +54,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "data")
+sys.path.insert(0, HERE)
+
+from training import SHARED, load  # noqa: E402
 
 #: symatomic variants: name → architecture.model (empty: everything auto)
 OURS: Dict[str, Dict] = {
@@ -478,11 +480,6 @@ def _details(model: str, folder: str) -> Dict:
         with open(os.path.join(folder, "seconds.json")) as file:
             details["seconds"] = json.load(file)["seconds"]
     return details
-
-
-def load() -> str:
-    with open("/proc/loadavg") as file:
-        return " ".join(file.read().split()[:3])
 
 
 def main() -> None:

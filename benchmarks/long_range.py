@@ -27,8 +27,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from budget_accuracy import EXAMPLE_SIZES, load, run_training  # noqa: E402
 from point_charges import point_charge_frames, random_box  # noqa: E402
+from training import EXAMPLE_SIZES, load, run_training  # noqa: E402
 
 VARIANTS: Dict[str, Dict] = {
     "short-range": dict(EXAMPLE_SIZES),

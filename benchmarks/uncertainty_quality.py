@@ -44,8 +44,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from budget_accuracy import (  # noqa: E402
-    _TENSORS,
+from training import (  # noqa: E402
+    CARTESIAN_TARGETS,
     EXAMPLE_SIZES,
     SHARED,
     data_file,
@@ -63,7 +63,7 @@ VARIANTS = {
 DATA_SETS = {
     "example": (None, (45, 75), 300, 40),
     "water_dimer": (
-        {f"mtt::{k}": _TENSORS[k] for k in ("mu", "alpha")},
+        {f"mtt::{k}": CARTESIAN_TARGETS[k] for k in ("mu", "alpha")},
         (100, 300),
         1000,
         15,

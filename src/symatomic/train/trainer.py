@@ -410,7 +410,8 @@ class Trainer:
             estimates[name] = one * min(batch_size, len(data.train))
             models[name] = model
             fits = share / max(estimates[name], 1e-9)
-            if fits < MIN_PROBE_STEPS:
+            # every rank takes the main rank's decision (timings differ)
+            if self.context.broadcast_int(int(fits < MIN_PROBE_STEPS)):
                 results[name] = ProbeResult(
                     name=name,
                     parameters=sum(p.numel() for p in model.parameters()),
@@ -431,7 +432,9 @@ class Trainer:
         probed = [name for name in candidates if not results[name].skipped]
         if not probed:
             # nothing fits: the candidate with the shortest steps goes on alone
-            fastest = min(candidates, key=lambda name: estimates[name])
+            names = list(candidates)
+            fastest = min(names, key=lambda name: estimates[name])
+            fastest = names[self.context.broadcast_int(names.index(fastest))]
             results[fastest].skipped = ""
             probed = [fastest]
         self._log(
