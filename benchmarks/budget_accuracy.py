@@ -58,19 +58,13 @@ sys.path.insert(0, HERE)
 
 from training import SHARED, load  # noqa: E402
 
+from symatomic.model_options import SMALL_PET_SIZES  # noqa: E402
+
 #: symatomic variants: name → architecture.model (empty: everything auto)
 OURS: Dict[str, Dict] = {
     "auto": {},
     "pet": {"backbone": "pet"},
-    "pet-small": {
-        "backbone": "pet",
-        "d_pet": 64,
-        "d_node": 128,
-        "d_head": 64,
-        "d_feedforward": 128,
-        "num_heads": 4,
-        "num_attention_layers": 1,
-    },
+    "pet-small": dict(SMALL_PET_SIZES, backbone="pet"),
     "soap": {"backbone": "soap"},
 }
 METATRAIN = {"mtt-pet": "pet", "mtt-soap-bpnn": "soap_bpnn"}

@@ -14,19 +14,14 @@ import sys
 import time
 from typing import Dict, Optional
 
+from symatomic.model_options import SMALL_PET_SIZES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared", "data")
 
 #: metatrain's default PET sizes are symatomic's defaults; the example's sizes
-EXAMPLE_SIZES = {
-    "d_pet": 64,
-    "d_node": 128,
-    "d_head": 64,
-    "d_feedforward": 128,
-    "num_heads": 4,
-    "num_attention_layers": 1,
-    "num_gnn_layers": 2,
-}
+#: (those of the small candidate of ``backbone: auto``)
+EXAMPLE_SIZES = dict(SMALL_PET_SIZES, num_gnn_layers=2)
 
 #: Cartesian tensor targets of the shared data (options of ``targets:``)
 CARTESIAN_TARGETS = {

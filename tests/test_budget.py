@@ -282,17 +282,22 @@ def _auto_options(path, time_limit="20s"):
     )
 
 
+def _run_auto(path, folder):
+    """A ``backbone: auto`` run with a 20 s limit on a fake clock; the trainer."""
+    trainer = Trainer(
+        _auto_options(path), str(folder), progress=False, clock=FakeClock(0.02)
+    )
+    trainer.run()
+    return trainer
+
+
 def test_auto_probes_are_deterministic(synthetic_file, tmp_path):
     """backbone: auto with a time limit probes every candidate on the same data;
     with the same seed and the same (fake) clock, the same table and winner; the
     winner goes on from its probe (its steps count in the learning-rate schedule)."""
-    options = _auto_options(synthetic_file)
     tables = []
     for run in ("a", "b"):
-        trainer = Trainer(
-            options, str(tmp_path / run), progress=False, clock=FakeClock(0.02)
-        )
-        trainer.run()
+        trainer = _run_auto(synthetic_file, tmp_path / run)
         assert [p.name for p in trainer.probes] == ["soap", "pet-small", "pet"]
         winner = choose(trainer.probes)
         assert trainer.model.hypers["backbone"] == (
@@ -320,13 +325,7 @@ def test_auto_skips_candidates_whose_steps_do_not_fit(
 
     caplog.set_level(logging.INFO, logger="symatomic")
     monkeypatch.setattr(Trainer, "_single_structure_step", estimate)
-    trainer = Trainer(
-        _auto_options(synthetic_file),
-        str(tmp_path / "run"),
-        progress=False,
-        clock=FakeClock(0.02),
-    )
-    trainer.run()
+    trainer = _run_auto(synthetic_file, tmp_path / "run")
     probes = {p.name: p for p in trainer.probes}
     assert probes["pet"].steps == 0 and f"fewer than {MIN_PROBE_STEPS}" in (
         probes["pet"].skipped
@@ -342,13 +341,7 @@ def test_auto_skips_candidates_whose_steps_do_not_fit(
         return 1e-3 if small else 1.0
 
     monkeypatch.setattr(Trainer, "_single_structure_step", slow_pet)
-    trainer = Trainer(
-        _auto_options(synthetic_file),
-        str(tmp_path / "alone"),
-        progress=False,
-        clock=FakeClock(0.02),
-    )
-    trainer.run()
+    trainer = _run_auto(synthetic_file, tmp_path / "alone")
     probed = [p for p in trainer.probes if not p.skipped]
     assert [p.name for p in probed] == ["soap"] and probed[0].steps >= 1
     assert trainer.model.hypers["backbone"] == "soap"
@@ -362,20 +355,14 @@ def test_auto_stops_probes_far_behind_after_the_first_round(
     first is ELIMINATION_RATIO times the best or more does not get its second."""
     from symatomic.train.probes import ELIMINATION_RATIO
 
-    def score(self, model, data, scored, specs):
-        parameters = sum(p.numel() for p in model.parameters())
+    def score(self, probe, scored):
+        parameters = sum(p.numel() for p in probe.model.parameters())
         if parameters > 10**6:  # the default PET, far behind
             return 2 * ELIMINATION_RATIO, {}
-        return (1.0 if model.hypers["backbone"] == "soap" else 1.2), {}
+        return (1.0 if probe.model.hypers["backbone"] == "soap" else 1.2), {}
 
     monkeypatch.setattr(Trainer, "_score_probe", score)
-    trainer = Trainer(
-        _auto_options(synthetic_file),
-        str(tmp_path / "run"),
-        progress=False,
-        clock=FakeClock(0.02),
-    )
-    trainer.run()
+    trainer = _run_auto(synthetic_file, tmp_path / "run")
     probes = {p.name: p for p in trainer.probes}
     assert "stopped after the first round" in probes["pet"].stopped
     assert not probes["soap"].stopped and not probes["pet-small"].stopped

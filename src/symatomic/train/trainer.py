@@ -464,7 +464,7 @@ class Trainer:
                 probes[name].train_for(0.5 * share)
                 if len(alive) > 1:
                     metrics[name], errors[name] = self._score_probe(
-                        models[name], data, scored, specs
+                        probes[name], scored
                     )
                 results[name].seconds += budget.clock() - start
             if round_ == 0 and len(alive) > 1:
@@ -514,22 +514,20 @@ class Trainer:
         return models[winner.name]
 
     def _score_probe(
-        self,
-        model: SymatomicModel,
-        data: DataSets,
-        scored: List[Structure],
-        specs: Dict[str, TargetSpec],
+        self, probe: "_Probe", scored: List[Structure]
     ) -> Tuple[float, Dict[str, float]]:
-        """Validation loss and RMSE per target of a probe's model."""
+        """Validation loss (the probe's loss weights and scales) and RMSE per
+        target of a probe's model on ``scored``."""
+        model = probe.model
         model.eval()
         errors = evaluate_structures(
             model,
             scored,
-            specs,
-            self.hypers["batch_size"],
+            probe.specs,
+            probe.batch_size,
             self.context,
-            self._loss_weights(specs),
-            _loss_scales(model, data.train, specs),
+            probe.weights,
+            probe.loss_scales,
         )
         model.train()
         metric = errors.pop("loss", math.inf)
