@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_options
 from symatomic.cli import main
+from symatomic.model_options import SMALL_PET_SIZES
 from symatomic.options import check_options, check_training_hypers
 from symatomic.train import Trainer, load_checkpoint
 from symatomic.train.budget import (
@@ -251,10 +252,31 @@ def test_choose_lowest_validation_loss_first_on_ties():
         return ProbeResult(name, 1, 1, 1.0, 1.0, metric)
 
     assert choose([result("a", 2.0), result("b", 1.0), result("c", 3.0)]).name == "b"
-    assert choose([result("a", 1.0), result("b", 1.0)]).name == "a"
+    assert choose([result("a", 1.0), result("b", 1.0)], margin=1.0).name == "a"
     assert choose([result("a", math.nan), result("b", 5.0)]).name == "b"
+    assert choose([result("a", 0.0), result("b", 0.0)], margin=1.0).name == "a"
     with pytest.raises(ValueError):
         choose([])
+
+
+def test_choose_prefers_capacity_within_the_margin():
+    """A later candidate (more capacity) within CAPACITY_MARGIN of the best wins;
+    one at the margin or beyond does not."""
+    from symatomic.train.probes import CAPACITY_MARGIN
+
+    def result(name, metric):
+        return ProbeResult(name, 1, 1, 1.0, 1.0, metric)
+
+    within = 0.99 * CAPACITY_MARGIN
+    soap, small = result("soap", 1.0), result("pet-small", within)
+    assert choose([soap, small]).name == "pet-small"
+    assert choose([soap, small], margin=1.0).name == "soap"
+    assert choose([soap, result("pet-small", CAPACITY_MARGIN)]).name == "soap"
+    # the last within the margin, even past a better one
+    assert choose([soap, result("pet-small", 0.9), result("pet", 1.1)]).name == "pet"
+    assert choose([soap, small, result("pet", math.inf)]).name == "pet-small"
+    # an earlier candidate within the margin of a later best does not win
+    assert choose([result("soap", 1.1), result("pet-small", 1.0)]).name == ("pet-small")
 
 
 def _auto_options(path, time_limit="20s"):
@@ -352,25 +374,30 @@ def test_auto_stops_probes_far_behind_after_the_first_round(
     synthetic_file, tmp_path, monkeypatch
 ):
     """The probes run in two rounds: a candidate whose validation loss after the
-    first is ELIMINATION_RATIO times the best or more does not get its second."""
+    first is ELIMINATION_RATIO times the best or more does not get its second, and
+    the others share it; a later candidate within CAPACITY_MARGIN of the best
+    wins."""
     from symatomic.train.probes import ELIMINATION_RATIO
 
     def score(self, probe, scored):
         parameters = sum(p.numel() for p in probe.model.parameters())
         if parameters > 10**6:  # the default PET, far behind
             return 2 * ELIMINATION_RATIO, {}
-        return (1.0 if probe.model.hypers["backbone"] == "soap" else 1.2), {}
+        return (1.0 if probe.model.hypers["backbone"] == "soap" else 1.4), {}
 
     monkeypatch.setattr(Trainer, "_score_probe", score)
     trainer = _run_auto(synthetic_file, tmp_path / "run")
     probes = {p.name: p for p in trainer.probes}
     assert "stopped after the first round" in probes["pet"].stopped
     assert not probes["soap"].stopped and not probes["pet-small"].stopped
-    # the stopped candidate had one round, the others two
+    # the stopped candidate had one round, the others two, longer by half its
+    # second round each
     assert probes["pet"].steps < probes["pet-small"].steps
-    assert probes["pet"].seconds < 0.75 * probes["pet-small"].seconds
-    assert choose([probes["soap"], probes["pet-small"]]).name == "soap"
-    assert trainer.model.hypers["backbone"] == "soap"
+    assert probes["pet"].seconds < 0.5 * probes["pet-small"].seconds
+    # the small PET, behind SOAP but within CAPACITY_MARGIN, wins
+    assert choose([probes["soap"], probes["pet-small"]]).name == "pet-small"
+    assert trainer.model.hypers["backbone"] == "pet"
+    assert trainer.model.hypers["d_pet"] == SMALL_PET_SIZES["d_pet"]
 
 
 def test_cli_time_limit(synthetic_file, tmp_path, capsys):

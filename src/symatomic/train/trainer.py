@@ -51,6 +51,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
 from .probes import (
+    CAPACITY_MARGIN,
     ELIMINATION_RATIO,
     MAX_PROBE_VALIDATION,
     MIN_PROBE_STEPS,
@@ -458,10 +459,11 @@ class Trainer:
         metrics: Dict[str, float] = {}
         errors: Dict[str, Dict[str, float]] = {}
         alive = list(probed)
+        round_seconds = 0.5 * share
         for round_ in range(2):
             for name in alive:
                 start = budget.clock()
-                probes[name].train_for(0.5 * share)
+                probes[name].train_for(round_seconds)
                 if len(alive) > 1:
                     metrics[name], errors[name] = self._score_probe(
                         probes[name], scored
@@ -475,6 +477,11 @@ class Trainer:
                     if math.isfinite(metrics[name])
                     and metrics[name] < ELIMINATION_RATIO * best
                 ] or [alive[0]]
+                # the survivors share the second rounds of those that stopped
+                extra = 0.5 * share * (len(probed) - len(alive)) / len(alive)
+                round_seconds += extra
+                for name in alive:
+                    probes[name].run_seconds += extra
             if len(alive) == 1:
                 break
         for name in probed:
@@ -503,7 +510,7 @@ class Trainer:
             "backbone: auto -> %s (%s); it goes on from its probe's weights, "
             "optimizer and learning rate",
             winner.name,
-            "lowest validation loss after the probes"
+            _choice_reason(winner, [results[name] for name in alive])
             if len(probed) > 1
             else "the only candidate whose steps fit its share",
         )
@@ -1418,6 +1425,17 @@ def _differences(before: Any, after: Any, prefix: str = "") -> List[str]:
             result.extend(_differences(before.get(key), after.get(key), name))
         return result
     return [] if before == after else [prefix or "(all)"]
+
+
+def _choice_reason(winner: ProbeResult, results: List[ProbeResult]) -> str:
+    """Why ``winner`` won the probes ``results`` (:func:`probes.choose`)."""
+    best = choose(results, margin=1.0)
+    if best is winner:
+        return "lowest validation loss after the probes"
+    return (
+        f"validation loss {winner.metric / best.metric:.2f}x that of {best.name}, "
+        f"within {CAPACITY_MARGIN}x: the candidate with more capacity"
+    )
 
 
 def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
