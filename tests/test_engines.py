@@ -306,6 +306,93 @@ def test_domain_decomposition_with_interaction_range(tmp_path, changes, cutoffs)
     assert np.abs(short_per_atom - whole_energies).max() > 1e3 * round_off
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [{"ecse": "none"}, {"ecse": "auto", "edge_inputs": "invariant"}],
+    ids=["pet", "invariant"],
+)
+def test_selected_atoms_equal_the_full_evaluation(tmp_path, changes):
+    """With ``selected_atoms``, PET computes in each layer only the atoms that reach
+    the selected ones (here: a few atoms at one end of a long random cluster, most
+    atoms out of reach). Their energies and the gradient of their sum equal those
+    of the evaluation of every atom (float64)."""
+    from symatomic.pet import layer_reach
+
+    model = load_atomistic_model(_export(tmp_path, **changes))
+    rng = np.random.default_rng(fresh_seed())
+    # a 3 x 3 x 18 Å slab of atoms at least 1 Å apart, along z
+    positions: list = []
+    while len(positions) < 60:
+        candidate = rng.uniform(size=3) * np.array([3.0, 3.0, 18.0])
+        if all(np.linalg.norm(candidate - p) > 1.0 for p in positions):
+            positions.append(candidate)
+    positions = np.array(positions)
+    numbers = rng.choice(TYPES, size=len(positions))
+    selected = np.sort(np.argsort(positions[:, 2])[:3])
+    whole, _ = _evaluate(
+        model, numbers, positions, np.zeros((3, 3)), [False] * 3, per_atom=True
+    )
+    full_positions = torch.tensor(positions, requires_grad=True)
+    system = System(
+        types=torch.tensor(numbers, dtype=torch.int32),
+        positions=full_positions,
+        cell=torch.zeros((3, 3), dtype=torch.float64),
+        pbc=torch.tensor([False] * 3),
+    )
+    symatomic.io.add_neighbor_lists([system], model)
+    options = ModelEvaluationOptions(
+        length_unit="angstrom", outputs={"energy": ModelOutput(sample_kind="atom")}
+    )
+    values = model([system], options, check_consistency=True)["energy"].block().values
+    (whole_gradient,) = torch.autograd.grad(
+        values.reshape(-1)[torch.tensor(selected)].sum(), full_positions
+    )
+    pruned, gradient = _evaluate(
+        model,
+        numbers,
+        positions,
+        np.zeros((3, 3)),
+        [False] * 3,
+        selected=selected,
+        per_atom=True,
+    )
+    np.testing.assert_allclose(pruned, whole[selected], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(gradient, whole_gradient.numpy(), rtol=1e-10, atol=1e-13)
+    # most atoms are out of reach: the first layer computes fewer than all
+    pairs = system.get_neighbor_list(model.requested_neighbor_lists()[0])
+    samples = pairs.samples.values.to(torch.long)
+    distances = torch.linalg.vector_norm(pairs.values.reshape(-1, 3), dim=1)
+    inside = distances < TINY_MODEL["cutoff"]
+    active = torch.zeros(len(positions), dtype=torch.bool)
+    active[torch.tensor(selected)] = True
+    order = torch.argsort(samples[inside, 0], stable=True)
+    masks = layer_reach(
+        active,
+        samples[inside, 0][order],
+        samples[inside, 1][order],
+        TINY_MODEL["num_gnn_layers"],
+    )
+    assert masks[-1].equal(active)
+    assert all(bool((a >= b).all()) for a, b in zip(masks[:-1], masks[1:]))
+    assert int(masks[0].sum()) < len(positions)
+
+
+def test_layer_reach_grows_one_neighbor_shell_per_layer():
+    """On a chain 0-1-2-…-7 (pairs between consecutive atoms, both directions),
+    the atoms each layer computes for atom 0 are one more per layer."""
+    from symatomic.pet import layer_reach
+
+    left = torch.arange(7)
+    centers = torch.cat([left, left + 1])
+    neighbors = torch.cat([left + 1, left])
+    order = torch.argsort(centers, stable=True)
+    active = torch.zeros(8, dtype=torch.bool)
+    active[0] = True
+    masks = layer_reach(active, centers[order], neighbors[order], 3)
+    assert [int(mask.sum()) for mask in masks] == [4, 3, 2, 1]
+    assert masks[0].tolist() == [True] * 4 + [False] * 4
+
+
 def _lammps_with_metatomic():
     executable = shutil.which("lmp") or shutil.which("lmp_serial")
     if executable is None:

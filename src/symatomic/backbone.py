@@ -4,7 +4,7 @@
 model of :mod:`symatomic.soap` to the same :class:`~symatomic.pet.PETFeatures`.
 """
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -47,9 +47,11 @@ class SOAPBackbone(torch.nn.Module):
         centers: torch.Tensor,
         neighbors: torch.Tensor,
         reverse: torch.Tensor,
+        active: Optional[torch.Tensor] = None,
     ) -> PETFeatures:
         """Same arguments as :meth:`symatomic.pet.PET.forward`; the features are
-        exactly invariant."""
+        exactly invariant. ``active`` is accepted for the common interface; every
+        atom is computed (one layer: the SOAP of the ghosts is cheap)."""
         n_atoms = species.shape[0]
         atoms, pairs, fc = self.model(species, edge_vectors, centers, neighbors)
         return PETFeatures(

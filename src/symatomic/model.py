@@ -260,6 +260,7 @@ class SymatomicModel(torch.nn.Module):
         names: List[str],
         last_layer_names: List[str],
         geometry: Optional[SystemGeometry] = None,
+        active: Optional[torch.Tensor] = None,
     ) -> Tuple[Dict[str, torch.Tensor], Dict[str, List[torch.Tensor]]]:
         """Per-atom contributions of the targets ``names`` (as
         :meth:`atomic_outputs`) and the per-atom last-layer features of the
@@ -269,13 +270,30 @@ class SymatomicModel(torch.nn.Module):
 
         :param geometry: positions and cells, needed by models with a long-range
             part (:mod:`symatomic.long_range`)
+        :param active: ``(n_atoms,)`` bool, the atoms whose outputs are read (an
+            engine's selected atoms), or ``None`` for all: the backbone then
+            computes only what reaches them; the other atoms' outputs are not
+            meaningful. Ignored with a long-range part (its charges need every
+            atom's features).
         """
-        features = self.backbone(species, edge_vectors, centers, neighbors, reverse)
+        if self.long_range.enabled:
+            active = None
+        features = self.backbone(
+            species, edge_vectors, centers, neighbors, reverse, active
+        )
         n_atoms = species.shape[0]
         if self.long_range.enabled:
             features = self._add_long_range(
                 features, n_atoms, geometry, edge_vectors, centers, neighbors
             )
+        n_total = n_atoms
+        heads_atoms: Optional[torch.Tensor] = None
+        if active is not None and not features.symmetrized:
+            # the heads read the active atoms and their pairs only
+            heads_atoms, features, species, edge_vectors = _heads_subset(
+                active, features, species, edge_vectors
+            )
+            n_atoms = species.shape[0]
         wigner: List[torch.Tensor] = []
         improper = torch.zeros(0, dtype=torch.bool, device=species.device)
         if features.symmetrized:
@@ -326,6 +344,15 @@ class SymatomicModel(torch.nn.Module):
                     pair_harmonics,
                     pooled,
                 )
+        if heads_atoms is not None:
+            # every atom's rows, zero for the atoms whose outputs were not asked
+            for name in list(result.keys()):
+                result[name] = _scatter_rows(result[name], heads_atoms, n_total)
+            for name in list(last_layer.keys()):
+                last_layer[name] = [
+                    _scatter_rows(values, heads_atoms, n_total)
+                    for values in last_layer[name]
+                ]
         return result, last_layer
 
     def _add_long_range(
@@ -576,17 +603,6 @@ class SymatomicModel(torch.nn.Module):
                 all_system_index,
             )
 
-        atomic, last_layer = self.evaluate(
-            species,
-            all_vectors,
-            all_centers,
-            all_neighbors,
-            reverse,
-            targets_needed,
-            last_layer_needed,
-            geometry,
-        )
-
         # first atom of every system, and index of every atom in its system
         starts = torch.cat(
             [
@@ -600,11 +616,25 @@ class SymatomicModel(torch.nn.Module):
             0, all_system_index
         )
         selected = torch.ones(n_total, dtype=torch.bool, device=device)
+        active: Optional[torch.Tensor] = None
         if selected_atoms is not None:
             selected = torch.zeros(n_total, dtype=torch.bool, device=device)
             system_column = selected_atoms.column("system").to(torch.long)
             atom_column = selected_atoms.column("atom").to(torch.long)
             selected[starts.index_select(0, system_column) + atom_column] = True
+            active = selected
+
+        atomic, last_layer = self.evaluate(
+            species,
+            all_vectors,
+            all_centers,
+            all_neighbors,
+            reverse,
+            targets_needed,
+            last_layer_needed,
+            geometry,
+            active,
+        )
 
         result: Dict[str, TensorMap] = {}
         for name, readout in self.readouts.items():
@@ -996,3 +1026,53 @@ def _per_atom_or_summed(
         torch.arange(n_systems, dtype=torch.int32, device=device).reshape(-1, 1),
     )
     return summed, samples
+
+
+def _heads_subset(
+    active: torch.Tensor,
+    features: PETFeatures,
+    species: torch.Tensor,
+    edge_vectors: torch.Tensor,
+) -> Tuple[torch.Tensor, PETFeatures, torch.Tensor, torch.Tensor]:
+    """The active atoms (``(n_active,)`` indices) and the features, species and
+    pair vectors of them and of their pairs, pairs renumbered among them (a
+    backbone without frames: atoms own their features)."""
+    device = species.device
+    centers = features.edge_owners
+    atoms = torch.nonzero(active).reshape(-1)
+    pairs = torch.nonzero(active.index_select(0, centers)).reshape(-1)
+    n_active = atoms.shape[0]
+    local = torch.full((active.shape[0],), -1, dtype=torch.long, device=device)
+    local = local.index_copy(
+        0, atoms, torch.arange(n_active, dtype=torch.long, device=device)
+    )
+    local_centers = local.index_select(0, centers.index_select(0, pairs))
+    fc = features.fc.index_select(0, pairs)
+    subset = PETFeatures(
+        features.nodes.index_select(0, atoms),
+        features.edges.index_select(0, pairs),
+        fc,
+        local_centers,
+        torch.arange(n_active, device=device),
+        features.owner_weights.index_select(0, atoms),
+        features.rotations.index_select(0, atoms),
+        features.is_aux.index_select(0, atoms),
+        False,
+    )
+    return (
+        atoms,
+        subset,
+        species.index_select(0, atoms),
+        edge_vectors.index_select(0, pairs),
+    )
+
+
+def _scatter_rows(
+    values: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """``values`` (one row per entry of ``rows``) in ``n_rows`` rows, zero
+    elsewhere."""
+    shape = [n_rows] + list(values.shape[1:])
+    return torch.zeros(shape, dtype=values.dtype, device=values.device).index_copy(
+        0, rows, values
+    )

@@ -31,6 +31,8 @@ __all__ = [
     "PET_SIZE_KEYS",
     "check_pet_hypers",
     "count_parameters",
+    "LayerSubset",
+    "layer_reach",
 ]
 
 PET_DEFAULT_HYPERS: Dict[str, Any] = {
@@ -562,6 +564,7 @@ class PET(torch.nn.Module):
         centers: torch.Tensor,
         neighbors: torch.Tensor,
         reverse: torch.Tensor,
+        active: Optional[torch.Tensor] = None,
     ) -> PETFeatures:
         """
         :param species: ``(n_atoms,)`` int64 species index
@@ -570,6 +573,13 @@ class PET(torch.nn.Module):
         :param centers: ``(n_pairs,)`` int64
         :param neighbors: ``(n_pairs,)`` int64
         :param reverse: ``(n_pairs,)`` int64 index of the reverse pair
+        :param active: ``(n_atoms,)`` bool, the atoms whose features are read (an
+            engine's ``selected_atoms``: a domain's own atoms, the others being its
+            ghosts), or ``None`` for all. Each layer then computes only the atoms
+            whose features can still reach an active atom (:func:`layer_reach`);
+            the features of the active atoms and of their pairs are those of the
+            full evaluation, the others' are not computed (left as they were).
+            Without ECSE only; with ECSE every atom is computed.
         :return: the features of every atom (or of every frame, with ECSE)
         """
         n_atoms = species.shape[0]
@@ -608,31 +618,77 @@ class PET(torch.nn.Module):
             radial = torch.cat(
                 [distances.unsqueeze(1), self.density_radial(distances)], dim=1
             )
+        if self.invariant_inputs:
+            # invariant edge inputs: r_ij, R_n(r_ij) and the projections of the
+            # (message-weighted) neighbor density on r̂_ij
+            edge_geometry = radial
+        if active is not None and bool(active.all()):
+            active = None
+        reach: List[torch.Tensor] = []
+        if active is not None:
+            reach = layer_reach(active, centers, neighbors, self.num_gnn_layers)
         layer_index = 0
         for gnn_layer, norm, mlp in zip(
             self.gnn_layers, self.combination_norms, self.combination_mlps
         ):
-            density_input: Optional[torch.Tensor] = None
-            if self.invariant_inputs:
-                # invariant edge inputs: r_ij, R_n(r_ij) and the projections of the
-                # (message-weighted) neighbor density on r̂_ij
-                # (mapped to d_pet inside the density module: the same linear map
-                # as a part of the embedding's first layer, at a fraction of its
-                # cost)
-                for index, density in enumerate(self.densities):
-                    if index == layer_index:
-                        density_input = density(
-                            messages, radial[:, 1:], harmonics, fc, centers, n_atoms
-                        )
-                edge_geometry = radial
+            if active is None:
+                density_input = self._density_input(
+                    layer_index, messages, radial, harmonics, fc, centers, n_atoms
+                )
+                nodes, edges = gnn_layer(
+                    nodes,
+                    messages,
+                    edge_geometry,
+                    neighbor_species,
+                    layout,
+                    density_input,
+                )
+                # each pair's message combines its edge token with its reverse's
+                reversed_edges = edges.index_select(0, reverse)
+                messages = (
+                    messages
+                    + edges
+                    + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+                )
+            else:
+                # only the atoms (and their pairs) that reach an active atom
+                subset = LayerSubset(
+                    reach[layer_index],
+                    reach[layer_index + 1],
+                    centers,
+                    reverse,
+                    log_fc,
+                    self.max_groups,
+                )
+                pairs = subset.pairs
+                pair_messages = messages.index_select(0, pairs)
+                density_input = self._density_input(
+                    layer_index,
+                    pair_messages,
+                    radial.index_select(0, pairs),
+                    [h.index_select(0, pairs) for h in harmonics],
+                    fc.index_select(0, pairs),
+                    subset.local_centers,
+                    subset.atoms.shape[0],
+                )
+                new_nodes, edges = gnn_layer(
+                    nodes.index_select(0, subset.atoms),
+                    pair_messages,
+                    edge_geometry.index_select(0, pairs),
+                    neighbor_species.index_select(0, pairs),
+                    subset.layout,
+                    density_input,
+                )
+                nodes = nodes.index_copy(0, subset.atoms, new_nodes)
+                own = edges.index_select(0, subset.own)
+                reversed_edges = edges.index_select(0, subset.reversed)
+                combined = (
+                    messages.index_select(0, subset.updated)
+                    + own
+                    + mlp(norm(torch.cat([own, reversed_edges], dim=1)))
+                )
+                messages = messages.index_copy(0, subset.updated, combined)
             layer_index += 1
-            nodes, edges = gnn_layer(
-                nodes, messages, edge_geometry, neighbor_species, layout, density_input
-            )
-            reversed_edges = edges.index_select(0, reverse)
-            messages = (
-                messages + edges + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
-            )
         atoms = torch.arange(n_atoms, device=species.device)
         return PETFeatures(
             nodes,
@@ -645,6 +701,29 @@ class PET(torch.nn.Module):
             torch.zeros(n_atoms, dtype=torch.bool, device=fc.device),
             False,
         )
+
+    def _density_input(
+        self,
+        layer_index: int,
+        messages: torch.Tensor,
+        radial: torch.Tensor,
+        harmonics: List[torch.Tensor],
+        fc: torch.Tensor,
+        centers: torch.Tensor,
+        n_atoms: int,
+    ) -> Optional[torch.Tensor]:
+        """With invariant edge inputs, the projections of the (message-weighted)
+        neighbor density on every pair direction, mapped to ``d_pet`` inside the
+        density module (the same linear map as a part of the embedding's first
+        layer, at a fraction of its cost); ``None`` otherwise."""
+        density_input: Optional[torch.Tensor] = None
+        if self.invariant_inputs:
+            for index, density in enumerate(self.densities):
+                if index == layer_index:
+                    density_input = density(
+                        messages, radial[:, 1:], harmonics, fc, centers, n_atoms
+                    )
+        return density_input
 
     def _forward_ecse(
         self,
@@ -836,6 +915,85 @@ class PET(torch.nn.Module):
             invariant_nodes,
             invariant_edges,
         )
+
+
+class LayerSubset:
+    """The part of a GNN layer that reaches the active atoms (:func:`layer_reach`).
+
+    :param computed: ``(n_atoms,)`` bool, the atoms the layer computes
+    :param needed: ``(n_atoms,)`` bool, the atoms whose pair messages the next
+        layer (or the heads) read: computed atoms whose neighbors are computed too
+    :param centers: ``(n_pairs,)`` sorted centers of all pairs
+    :param reverse: ``(n_pairs,)`` index of the reverse pair
+    :param log_fc: ``(n_pairs,)`` log of the cutoff factors
+    :param max_groups: largest number of groups of the attention layout
+
+    Attributes: ``atoms`` ``(n_computed,)`` computed atoms; ``pairs`` their pairs
+    (indices into all pairs); ``local_centers`` the pairs' centers numbered among
+    the computed atoms; ``layout`` their :class:`AttentionLayout`; ``updated`` the
+    pairs whose messages are updated (centered on needed atoms); ``own`` and
+    ``reversed`` the positions, among the computed pairs, of those pairs and of
+    their reverses.
+    """
+
+    def __init__(
+        self,
+        computed: torch.Tensor,
+        needed: torch.Tensor,
+        centers: torch.Tensor,
+        reverse: torch.Tensor,
+        log_fc: torch.Tensor,
+        max_groups: int,
+    ):
+        device = centers.device
+        n_atoms = computed.shape[0]
+        self.atoms = torch.nonzero(computed).reshape(-1)
+        self.pairs = torch.nonzero(computed.index_select(0, centers)).reshape(-1)
+        n_local = self.atoms.shape[0]
+        local = torch.full((n_atoms,), -1, dtype=torch.long, device=device)
+        local = local.index_copy(
+            0, self.atoms, torch.arange(n_local, dtype=torch.long, device=device)
+        )
+        self.local_centers = local.index_select(0, centers.index_select(0, self.pairs))
+        self.layout = attention_layout(
+            self.local_centers,
+            log_fc.index_select(0, self.pairs),
+            n_local,
+            max_groups,
+        )
+        position = torch.full_like(centers, -1).index_copy(
+            0,
+            self.pairs,
+            torch.arange(self.pairs.shape[0], dtype=torch.long, device=device),
+        )
+        self.updated = torch.nonzero(needed.index_select(0, centers)).reshape(-1)
+        self.own = position.index_select(0, self.updated)
+        self.reversed = position.index_select(0, reverse.index_select(0, self.updated))
+
+
+def layer_reach(
+    active: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, n_layers: int
+) -> List[torch.Tensor]:
+    """The atoms each GNN layer must compute for the features of the ``active``
+    atoms: ``n_layers + 1`` masks ``(n_atoms,)``, the last being ``active``. The
+    heads read the nodes and pair messages of the active atoms; the messages after
+    layer ``k`` of the pairs centered on the atoms of mask ``k + 1`` combine the
+    layer's edge tokens of those pairs and of their reverses, so layer ``k``
+    computes those atoms and their neighbors (mask ``k``): one cutoff more per
+    layer, the reach of :attr:`symatomic.model.SymatomicModel.interaction_range`.
+
+    :param active: ``(n_atoms,)`` bool
+    :param centers: ``(n_pairs,)`` centers (full neighbor list, both directions)
+    :param neighbors: ``(n_pairs,)`` neighbors
+    """
+    masks: List[torch.Tensor] = [active]
+    current = active
+    for _ in range(n_layers):
+        grown = current.clone()
+        grown[neighbors[current.index_select(0, centers)]] = True
+        masks.insert(0, grown)
+        current = grown
+    return masks
 
 
 def _average(
