@@ -247,36 +247,28 @@ def test_time_limited_run_resumes_with_its_budget(synthetic_file, tmp_path):
         ).run(checkpoint=load_checkpoint(str(tmp_path / "first" / "last.ckpt")))
 
 
-def test_choose_lowest_validation_loss_first_on_ties():
+def test_choose_lowest_compared_loss_first_on_ties():
+    """The probes are compared by their validation loss times the candidate's
+    handicap (SOAP's: it flattens after its fast start); the first on ties."""
+    from symatomic.train.probes import HANDICAPS, compared
+
     def result(name, metric):
         return ProbeResult(name, 1, 1, 1.0, 1.0, metric)
 
     assert choose([result("a", 2.0), result("b", 1.0), result("c", 3.0)]).name == "b"
-    assert choose([result("a", 1.0), result("b", 1.0)], margin=1.0).name == "a"
+    assert choose([result("a", 1.0), result("b", 1.0)]).name == "a"
     assert choose([result("a", math.nan), result("b", 5.0)]).name == "b"
-    assert choose([result("a", 0.0), result("b", 0.0)], margin=1.0).name == "a"
     with pytest.raises(ValueError):
         choose([])
-
-
-def test_choose_prefers_capacity_within_the_margin():
-    """A later candidate (more capacity) within CAPACITY_MARGIN of the best wins;
-    one at the margin or beyond does not."""
-    from symatomic.train.probes import CAPACITY_MARGIN
-
-    def result(name, metric):
-        return ProbeResult(name, 1, 1, 1.0, 1.0, metric)
-
-    within = 0.99 * CAPACITY_MARGIN
-    soap, small = result("soap", 1.0), result("pet-small", within)
-    assert choose([soap, small]).name == "pet-small"
-    assert choose([soap, small], margin=1.0).name == "soap"
-    assert choose([soap, result("pet-small", CAPACITY_MARGIN)]).name == "soap"
-    # the last within the margin, even past a better one
-    assert choose([soap, result("pet-small", 0.9), result("pet", 1.1)]).name == "pet"
-    assert choose([soap, small, result("pet", math.inf)]).name == "pet-small"
-    # an earlier candidate within the margin of a later best does not win
-    assert choose([result("soap", 1.1), result("pet-small", 1.0)]).name == ("pet-small")
+    handicap = HANDICAPS["soap"]
+    assert handicap > 1.0
+    assert compared(result("soap", 1.0)) == handicap
+    assert not math.isfinite(compared(result("soap", math.inf)))
+    # the small PET behind SOAP, but by less than SOAP's handicap, wins
+    soap = result("soap", 1.0)
+    assert choose([soap, result("pet-small", 0.99 * handicap)]).name == "pet-small"
+    assert choose([soap, result("pet-small", 1.01 * handicap)]).name == "soap"
+    assert choose([soap, result("pet-small", 2.0), result("pet", 1.5)]).name == "pet"
 
 
 def _auto_options(path, time_limit="20s"):
@@ -373,17 +365,18 @@ def test_auto_skips_candidates_whose_steps_do_not_fit(
 def test_auto_stops_probes_far_behind_after_the_first_round(
     synthetic_file, tmp_path, monkeypatch
 ):
-    """The probes run in two rounds: a candidate whose validation loss after the
+    """The probes run in two rounds: a candidate whose compared loss after the
     first is ELIMINATION_RATIO times the best or more does not get its second, and
-    the others share it; a later candidate within CAPACITY_MARGIN of the best
-    wins."""
-    from symatomic.train.probes import ELIMINATION_RATIO
+    the others share it; the lowest compared loss wins (SOAP's handicapped)."""
+    from symatomic.train.probes import ELIMINATION_RATIO, HANDICAPS
+
+    small_pet = 0.5 * HANDICAPS["soap"]
 
     def score(self, probe, scored):
         parameters = sum(p.numel() for p in probe.model.parameters())
         if parameters > 10**6:  # the default PET, far behind
-            return 2 * ELIMINATION_RATIO, {}
-        return (1.0 if probe.model.hypers["backbone"] == "soap" else 1.4), {}
+            return 2 * ELIMINATION_RATIO * small_pet, {}
+        return (1.0 if probe.model.hypers["backbone"] == "soap" else small_pet), {}
 
     monkeypatch.setattr(Trainer, "_score_probe", score)
     trainer = _run_auto(synthetic_file, tmp_path / "run")
@@ -394,7 +387,7 @@ def test_auto_stops_probes_far_behind_after_the_first_round(
     # second round each
     assert probes["pet"].steps < probes["pet-small"].steps
     assert probes["pet"].seconds < 0.5 * probes["pet-small"].seconds
-    # the small PET, behind SOAP but within CAPACITY_MARGIN, wins
+    # the small PET, 2x behind SOAP, within SOAP's handicap: it wins
     assert choose([probes["soap"], probes["pet-small"]]).name == "pet-small"
     assert trainer.model.hypers["backbone"] == "pet"
     assert trainer.model.hypers["d_pet"] == SMALL_PET_SIZES["d_pet"]

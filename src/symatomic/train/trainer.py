@@ -51,13 +51,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedContext
 from .losses import ErrorAccumulator, error_unit, loss_terms, predict_batch
 from .probes import (
-    CAPACITY_MARGIN,
     ELIMINATION_RATIO,
+    HANDICAPS,
     MAX_PROBE_VALIDATION,
     MIN_PROBE_STEPS,
     PROBE_SHARE,
     ProbeResult,
     choose,
+    compared,
     table,
 )
 
@@ -470,12 +471,13 @@ class Trainer:
                     )
                 results[name].seconds += budget.clock() - start
             if round_ == 0 and len(alive) > 1:
-                best = min(metrics[name] for name in alive)
+                for name in alive:
+                    results[name].metric = metrics[name]
+                best = min(compared(results[name]) for name in alive)
                 alive = [
                     name
                     for name in alive
-                    if math.isfinite(metrics[name])
-                    and metrics[name] < ELIMINATION_RATIO * best
+                    if compared(results[name]) < ELIMINATION_RATIO * best
                 ] or [alive[0]]
                 # the survivors share the second rounds of those that stopped
                 extra = 0.5 * share * (len(probed) - len(alive)) / len(alive)
@@ -498,7 +500,7 @@ class Trainer:
                 stopped=""
                 if name in alive
                 else f"stopped after the first round ({ELIMINATION_RATIO}x the "
-                "best loss or more)",
+                "best compared loss or more)",
             )
         budget.charge("probes")
         ordered = [results[name] for name in candidates]
@@ -510,7 +512,8 @@ class Trainer:
             "backbone: auto -> %s (%s); it goes on from its probe's weights, "
             "optimizer and learning rate",
             winner.name,
-            _choice_reason(winner, [results[name] for name in alive])
+            "lowest validation loss after the probes, SOAP's counted "
+            f"{HANDICAPS['soap']:g}x"
             if len(probed) > 1
             else "the only candidate whose steps fit its share",
         )
@@ -1425,17 +1428,6 @@ def _differences(before: Any, after: Any, prefix: str = "") -> List[str]:
             result.extend(_differences(before.get(key), after.get(key), name))
         return result
     return [] if before == after else [prefix or "(all)"]
-
-
-def _choice_reason(winner: ProbeResult, results: List[ProbeResult]) -> str:
-    """Why ``winner`` won the probes ``results`` (:func:`probes.choose`)."""
-    best = choose(results, margin=1.0)
-    if best is winner:
-        return "lowest validation loss after the probes"
-    return (
-        f"validation loss {winner.metric / best.metric:.2f}x that of {best.name}, "
-        f"within {CAPACITY_MARGIN}x: the candidate with more capacity"
-    )
 
 
 def _display_keys(specs: Dict[str, TargetSpec]) -> List[str]:
