@@ -91,7 +91,7 @@ def test_per_atom_outputs_are_declared(tmp_path):
     assert outputs["mtt::dipole"].sample_kind == "atom"
     assert outputs["energy"].unit == "eV"
     assert model.capabilities().interaction_range == pytest.approx(
-        (TINY_MODEL["num_gnn_layers"] + 1) * TINY_MODEL["cutoff"]
+        TINY_MODEL["num_gnn_layers"] * TINY_MODEL["cutoff"]
     )
 
 
@@ -233,13 +233,15 @@ def _domain_with_ghosts(atoms: ase.Atoms, local: np.ndarray, skin: float):
 @pytest.mark.parametrize(
     "changes, cutoffs",
     [
-        ({}, 3),  # PET, 2 GNN layers: (2 + 1) cutoffs
-        ({"ecse": {"mode": "local"}, "num_gnn_layers": 1}, 2),  # fewer ghosts (time)
+        ({}, 2),  # PET, 2 GNN layers: 2 cutoffs
+        # models written before reverse_last_layer was an option: one more
+        ({"reverse_last_layer": True}, 3),
+        ({"ecse": {"mode": "local"}, "num_gnn_layers": 1}, 1),  # fewer ghosts (time)
         ({"backbone": "soap", "soap": SMALL_SOAP}, 2),  # pair features reach 2
         # the default: invariant edge inputs (densities of i's pairs in every layer)
-        ({"ecse": "auto", "edge_inputs": "invariant"}, 3),
+        ({"ecse": "auto", "edge_inputs": "invariant"}, 2),
     ],
-    ids=["pet", "ecse", "soap", "invariant"],
+    ids=["pet", "pet-reverse-last", "ecse", "soap", "invariant"],
 )
 def test_domain_decomposition_with_interaction_range(tmp_path, changes, cutoffs):
     """Split a periodic cell in two domains; each domain is a non-periodic system of
@@ -308,8 +310,12 @@ def test_domain_decomposition_with_interaction_range(tmp_path, changes, cutoffs)
 
 @pytest.mark.parametrize(
     "changes",
-    [{"ecse": "none"}, {"ecse": "auto", "edge_inputs": "invariant"}],
-    ids=["pet", "invariant"],
+    [
+        {"ecse": "none"},
+        {"ecse": "none", "reverse_last_layer": True},
+        {"ecse": "auto", "edge_inputs": "invariant"},
+    ],
+    ids=["pet", "pet-reverse-last", "invariant"],
 )
 def test_selected_atoms_equal_the_full_evaluation(tmp_path, changes):
     """With ``selected_atoms``, PET computes in each layer only the atoms that reach
@@ -371,6 +377,7 @@ def test_selected_atoms_equal_the_full_evaluation(tmp_path, changes):
         samples[inside, 0][order],
         samples[inside, 1][order],
         TINY_MODEL["num_gnn_layers"],
+        changes.get("reverse_last_layer", False),
     )
     assert masks[-1].equal(active)
     assert all(bool((a >= b).all()) for a, b in zip(masks[:-1], masks[1:]))
@@ -379,7 +386,9 @@ def test_selected_atoms_equal_the_full_evaluation(tmp_path, changes):
 
 def test_layer_reach_grows_one_neighbor_shell_per_layer():
     """On a chain 0-1-2-…-7 (pairs between consecutive atoms, both directions),
-    the atoms each layer computes for atom 0 are one more per layer."""
+    the atoms each layer computes for atom 0 are one more per layer (the last
+    layer computes atom 0 alone, or with the reverse combination its neighbor
+    too)."""
     from symatomic.pet import layer_reach
 
     left = torch.arange(7)
@@ -388,9 +397,11 @@ def test_layer_reach_grows_one_neighbor_shell_per_layer():
     order = torch.argsort(centers, stable=True)
     active = torch.zeros(8, dtype=torch.bool)
     active[0] = True
-    masks = layer_reach(active, centers[order], neighbors[order], 3)
+    masks = layer_reach(active, centers[order], neighbors[order], 3, True)
     assert [int(mask.sum()) for mask in masks] == [4, 3, 2, 1]
     assert masks[0].tolist() == [True] * 4 + [False] * 4
+    masks = layer_reach(active, centers[order], neighbors[order], 3)
+    assert [int(mask.sum()) for mask in masks] == [3, 2, 1, 1]
 
 
 def _lammps_with_metatomic():

@@ -130,7 +130,7 @@ def test_export_load_same_predictions(tmp_path):
     model.export().save(path)
     loaded = load_atomistic_model(path)
     capabilities = loaded.capabilities()
-    assert capabilities.interaction_range == pytest.approx(3 * TINY_MODEL["cutoff"])
+    assert capabilities.interaction_range == pytest.approx(2 * TINY_MODEL["cutoff"])
     assert capabilities.dtype == "float64"
     assert capabilities.atomic_types == [1, 6, 8]
     predictions = symatomic.io.predict(loaded, frames, forces=False)
@@ -295,6 +295,43 @@ def test_version_3_checkpoints_keep_cartesian_inputs(tmp_path, ecse):
     loaded = model_from_checkpoint(path)
     assert loaded.hypers["edge_inputs"] == "cartesian"
     assert loaded.hypers["ecse"]["mode"] == ecse
+    atoms = make_frames(1, seed=3)[0]
+    structure = structure_from_atoms(atoms, "x")
+    compute_neighbors(structure, model.cutoff)
+    batch = collate([structure], torch.float64)
+    expected = predict_batch(model, batch, model.target_specs)[0]
+    result = predict_batch(loaded, batch, loaded.target_specs)[0]
+    for name in expected:
+        for a, b in zip(expected[name], result[name]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_version_6_checkpoints_keep_the_reverse_last_layer(tmp_path):
+    """Checkpoints of version 6 (before ``reverse_last_layer`` was an option, off by
+    default) describe PETs that combined the last layer's tokens with their
+    reverses: they are rebuilt as such, with the same predictions and range."""
+    from symatomic.train.checkpoint import model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    hypers = dict(TINY_MODEL, reverse_last_layer=True)
+    model = SymatomicModel(hypers, [1, 6, 8], _specs()).to(torch.float64)
+    assert model.interaction_range == pytest.approx(3 * TINY_MODEL["cutoff"])
+    data = model.model_data()
+    data["hypers"] = {
+        key: value
+        for key, value in data["hypers"].items()
+        if key != "reverse_last_layer"
+    }
+    path = str(tmp_path / "old.ckpt")
+    save_checkpoint(
+        {"model_data": data, "model_state_dict": model.state_dict(), "epoch": 1}, path
+    )
+    old = torch.load(path, weights_only=True)
+    old["version"] = 6
+    torch.save(old, path)
+    loaded = model_from_checkpoint(path)
+    assert loaded.hypers["reverse_last_layer"] is True
+    assert loaded.interaction_range == model.interaction_range
     atoms = make_frames(1, seed=3)[0]
     structure = structure_from_atoms(atoms, "x")
     compute_neighbors(structure, model.cutoff)

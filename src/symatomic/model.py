@@ -99,12 +99,14 @@ class SymatomicModel(torch.nn.Module):
         self.target_specs: Dict[str, TargetSpec] = dict(targets)
         self.length_unit = length_unit
         self.cutoff = float(self.hypers["cutoff"])
-        # every GNN layer reaches one cutoff further, and the features the heads read
-        # combine each edge i → j with its reverse j → i once more after the last
-        # layer (j's environment): (num_gnn_layers + 1) × cutoff, checked by the
+        # every GNN layer reaches one cutoff further: num_gnn_layers × cutoff, and
+        # one cutoff more when the features the heads read combine each edge i → j
+        # with its reverse j → i after the last layer (j's environment; models
+        # before reverse_last_layer was an option did), checked by the
         # domain-decomposition test in tests/test_engines.py
         self.interaction_range = (
-            float(self.hypers["num_gnn_layers"]) + 1.0
+            float(self.hypers["num_gnn_layers"])
+            + (1.0 if self.hypers["reverse_last_layer"] else 0.0)
         ) * self.cutoff
         if self.hypers["backbone"] == "soap":
             # atom features reach one cutoff, pair features (through h_j) two

@@ -52,6 +52,9 @@ PET_DEFAULT_HYPERS: Dict[str, Any] = {
     "density_max_radial": 5,
     "density_channels": 8,
     "density_features": 32,
+    # combine the last layer's edge tokens with their reverses before the heads
+    # (one cutoff more of interaction range); models before it did
+    "reverse_last_layer": False,
 }
 
 #: the options of metatrain's PET (the rest are symatomic's own)
@@ -86,6 +89,7 @@ _HYPER_TYPES = {
     "density_max_radial": int,
     "density_channels": int,
     "density_features": int,
+    "reverse_last_layer": bool,
 }
 
 
@@ -103,7 +107,9 @@ def check_pet_hypers(
         expected = _HYPER_TYPES[name]
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (
+            isinstance(value, bool) and expected is not bool
+        ):
             raise ValueError(
                 f"{where}.{name} must be a {expected.__name__}, got {value!r}"
             )
@@ -523,8 +529,13 @@ class PET(torch.nn.Module):
                 for i in range(self.num_gnn_layers)
             ]
         )
+        #: whether the last layer's edge tokens are combined with their reverses
+        #: (otherwise the heads read the last tokens as they are: the interaction
+        #: range is num_gnn_layers x cutoff, not one cutoff more)
+        self.reverse_last_layer = bool(hypers["reverse_last_layer"])
+        n_combinations = self.num_gnn_layers - (0 if self.reverse_last_layer else 1)
         self.combination_norms = torch.nn.ModuleList(
-            [torch.nn.LayerNorm(2 * self.d_pet) for _ in range(self.num_gnn_layers)]
+            [torch.nn.LayerNorm(2 * self.d_pet) for _ in range(n_combinations)]
         )
         self.combination_mlps = torch.nn.ModuleList(
             [
@@ -533,7 +544,7 @@ class PET(torch.nn.Module):
                     torch.nn.SiLU(),
                     torch.nn.Linear(2 * self.d_pet, self.d_pet),
                 )
-                for _ in range(self.num_gnn_layers)
+                for _ in range(n_combinations)
             ]
         )
         self.symmetrized = ecse is not None
@@ -626,11 +637,15 @@ class PET(torch.nn.Module):
             active = None
         reach: List[torch.Tensor] = []
         if active is not None:
-            reach = layer_reach(active, centers, neighbors, self.num_gnn_layers)
+            reach = layer_reach(
+                active,
+                centers,
+                neighbors,
+                self.num_gnn_layers,
+                self.reverse_last_layer,
+            )
         layer_index = 0
-        for gnn_layer, norm, mlp in zip(
-            self.gnn_layers, self.combination_norms, self.combination_mlps
-        ):
+        for gnn_layer in self.gnn_layers:
             if active is None:
                 density_input = self._density_input(
                     layer_index, messages, radial, harmonics, fc, centers, n_atoms
@@ -643,12 +658,8 @@ class PET(torch.nn.Module):
                     layout,
                     density_input,
                 )
-                # each pair's message combines its edge token with its reverse's
-                reversed_edges = edges.index_select(0, reverse)
-                messages = (
-                    messages
-                    + edges
-                    + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+                messages = self._combine(
+                    layer_index, messages, edges, edges.index_select(0, reverse)
                 )
             else:
                 # only the atoms (and their pairs) that reach an active atom
@@ -659,6 +670,7 @@ class PET(torch.nn.Module):
                     reverse,
                     log_fc,
                     self.max_groups,
+                    self._combines(layer_index),
                 )
                 pairs = subset.pairs
                 pair_messages = messages.index_select(0, pairs)
@@ -681,11 +693,11 @@ class PET(torch.nn.Module):
                 )
                 nodes = nodes.index_copy(0, subset.atoms, new_nodes)
                 own = edges.index_select(0, subset.own)
-                reversed_edges = edges.index_select(0, subset.reversed)
-                combined = (
-                    messages.index_select(0, subset.updated)
-                    + own
-                    + mlp(norm(torch.cat([own, reversed_edges], dim=1)))
+                combined = self._combine(
+                    layer_index,
+                    messages.index_select(0, subset.updated),
+                    own,
+                    edges.index_select(0, subset.reversed),
                 )
                 messages = messages.index_copy(0, subset.updated, combined)
             layer_index += 1
@@ -701,6 +713,30 @@ class PET(torch.nn.Module):
             torch.zeros(n_atoms, dtype=torch.bool, device=fc.device),
             False,
         )
+
+    def _combines(self, layer_index: int) -> bool:
+        """Whether layer ``layer_index`` combines each edge token with its
+        reverse's (every layer but, without ``reverse_last_layer``, the last)."""
+        return self.reverse_last_layer or layer_index < self.num_gnn_layers - 1
+
+    def _combine(
+        self,
+        layer_index: int,
+        messages: torch.Tensor,
+        edges: torch.Tensor,
+        reversed_edges: torch.Tensor,
+    ) -> torch.Tensor:
+        """The messages after layer ``layer_index``, ``(n, d_pet)``: the incoming
+        ones plus the layer's edge tokens, and where the layer combines
+        (:meth:`_combines`) an MLP of each token and its reverse's (rows of
+        ``reversed_edges``; not read otherwise)."""
+        result = messages + edges
+        for index, (norm, mlp) in enumerate(
+            zip(self.combination_norms, self.combination_mlps)
+        ):
+            if index == layer_index:
+                result = result + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+        return result
 
     def _density_input(
         self,
@@ -820,9 +856,7 @@ class PET(torch.nn.Module):
         last_gnn = self.num_gnn_layers - 1
         last_invariant: Optional[torch.Tensor] = None
         gnn_index = 0
-        for gnn_layer, norm, mlp in zip(
-            self.gnn_layers, self.combination_norms, self.combination_mlps
-        ):
+        for gnn_layer in self.gnn_layers:
             if in_frames:
                 owner_messages = messages.index_select(0, owner_edges)
                 owner_nodes = nodes.index_select(0, owner_atoms)
@@ -855,33 +889,18 @@ class PET(torch.nn.Module):
             if gnn_index == last_gnn and in_frames:
                 if self.invariant_features:
                     # the last combination on the frame-averaged (invariant) tokens
-                    last_invariant = (
-                        messages
-                        + edges
-                        + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
+                    last_invariant = self._combine(
+                        gnn_index, messages, edges, reversed_edges
                     )
                 # the heads see the features of every frame
-                owner_features = (
-                    owner_messages
-                    + owner_tokens
-                    + mlp(
-                        norm(
-                            torch.cat(
-                                [
-                                    owner_tokens,
-                                    reversed_edges.index_select(0, owner_edges),
-                                ],
-                                dim=1,
-                            )
-                        )
-                    )
+                owner_features = self._combine(
+                    gnn_index,
+                    owner_messages,
+                    owner_tokens,
+                    reversed_edges.index_select(0, owner_edges),
                 )
             else:
-                messages = (
-                    messages
-                    + edges
-                    + mlp(norm(torch.cat([edges, reversed_edges], dim=1)))
-                )
+                messages = self._combine(gnn_index, messages, edges, reversed_edges)
             gnn_index += 1
         atom_nodes: Optional[torch.Tensor] = None
         atom_edges: Optional[torch.Tensor] = None
@@ -927,6 +946,8 @@ class LayerSubset:
     :param reverse: ``(n_pairs,)`` index of the reverse pair
     :param log_fc: ``(n_pairs,)`` log of the cutoff factors
     :param max_groups: largest number of groups of the attention layout
+    :param with_reverse: whether the layer combines its edge tokens with their
+        reverses (:meth:`PET._combines`)
 
     Attributes: ``atoms`` ``(n_computed,)`` computed atoms; ``pairs`` their pairs
     (indices into all pairs); ``local_centers`` the pairs' centers numbered among
@@ -944,6 +965,7 @@ class LayerSubset:
         reverse: torch.Tensor,
         log_fc: torch.Tensor,
         max_groups: int,
+        with_reverse: bool = True,
     ):
         device = centers.device
         n_atoms = computed.shape[0]
@@ -968,11 +990,20 @@ class LayerSubset:
         )
         self.updated = torch.nonzero(needed.index_select(0, centers)).reshape(-1)
         self.own = position.index_select(0, self.updated)
-        self.reversed = position.index_select(0, reverse.index_select(0, self.updated))
+        # (without the combination with the reverses, their own positions: unread)
+        self.reversed = self.own
+        if with_reverse:
+            self.reversed = position.index_select(
+                0, reverse.index_select(0, self.updated)
+            )
 
 
 def layer_reach(
-    active: torch.Tensor, centers: torch.Tensor, neighbors: torch.Tensor, n_layers: int
+    active: torch.Tensor,
+    centers: torch.Tensor,
+    neighbors: torch.Tensor,
+    n_layers: int,
+    reverse_last_layer: bool = False,
 ) -> List[torch.Tensor]:
     """The atoms each GNN layer must compute for the features of the ``active``
     atoms: ``n_layers + 1`` masks ``(n_atoms,)``, the last being ``active``. The
@@ -981,14 +1012,25 @@ def layer_reach(
     layer's edge tokens of those pairs and of their reverses, so layer ``k``
     computes those atoms and their neighbors (mask ``k``): one cutoff more per
     layer, the reach of :attr:`symatomic.model.SymatomicModel.interaction_range`.
+    Without ``reverse_last_layer`` the last layer's tokens are not combined: it
+    computes the active atoms only.
 
     :param active: ``(n_atoms,)`` bool
     :param centers: ``(n_pairs,)`` centers (full neighbor list, both directions)
     :param neighbors: ``(n_pairs,)`` neighbors
+    :param n_layers: number of GNN layers
+    :param reverse_last_layer: whether the last layer combines its tokens with
+        their reverses (:attr:`PET.reverse_last_layer`)
     """
     masks: List[torch.Tensor] = [active]
     current = active
-    for _ in range(n_layers):
+    grown_layers = n_layers
+    if not reverse_last_layer:
+        # the last layer's tokens are read as they are: it computes the active
+        # atoms only
+        masks.insert(0, active)
+        grown_layers = n_layers - 1
+    for _ in range(grown_layers):
         grown = current.clone()
         grown[neighbors[current.index_select(0, centers)]] = True
         masks.insert(0, grown)

@@ -138,7 +138,7 @@ class ModelHypers(TypedDict):
     """Attention layers in every GNN layer."""
     num_gnn_layers: int = PET_DEFAULT_HYPERS["num_gnn_layers"]
     """Message-passing (GNN) layers; the interaction range is
-    ``(num_gnn_layers + 1) * cutoff``."""
+    ``num_gnn_layers * cutoff`` (one cutoff more with ``reverse_last_layer``)."""
     normalization: Literal["RMSNorm", "LayerNorm"] = PET_DEFAULT_HYPERS["normalization"]
     """Normalization of the (pre-layer-norm) transformer."""
     activation: Literal["SwiGLU", "SiLU"] = PET_DEFAULT_HYPERS["activation"]
@@ -158,6 +158,10 @@ class ModelHypers(TypedDict):
     """Learned channels of the messages that weight the density."""
     density_features: int = PET_DEFAULT_HYPERS["density_features"]
     """Density projections per angular order (per pair and GNN layer)."""
+    reverse_last_layer: bool = PET_DEFAULT_HYPERS["reverse_last_layer"]
+    """Combine the last layer's edge tokens with their reverses before the heads,
+    as every other layer does: one cutoff more of interaction range (models written
+    before this option existed did; their checkpoints keep it)."""
     ecse: ECSEHypers = {
         "mode": "auto",
         "inversion": True,

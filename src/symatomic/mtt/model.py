@@ -58,7 +58,7 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
     #: ``basis_hidden`` and ``soap`` (scalar-basis tensor heads, SOAP backbone);
     #: 3: the hyper-parameters of the built model, ``auto`` choices resolved;
     #: 4: ``edge_inputs`` and ``density_*`` (invariant edge inputs of PET)
-    __checkpoint_version__ = 8
+    __checkpoint_version__ = 9
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
     __default_metadata__ = ModelMetadata(
@@ -364,6 +364,16 @@ class SymatomicMTT(ModelInterface[ModelHypers]):
             # (covariance_root): BlockUncertainty's hook converts older ones
             checkpoint = dict(checkpoint)
             checkpoint["model_ckpt_version"] = version = 8
+        if version == 8:
+            # version 9 made PET's reverse_last_layer an option, off by default:
+            # older models combined the last layer's tokens with their reverses
+            checkpoint = dict(checkpoint)
+            model_data = dict(checkpoint["model_data"])
+            hypers = dict(model_data["model_hypers"])
+            hypers.setdefault("reverse_last_layer", True)
+            model_data["model_hypers"] = hypers
+            checkpoint["model_data"] = model_data
+            checkpoint["model_ckpt_version"] = version = 9
         if version != cls.__checkpoint_version__:
             raise RuntimeError(
                 "Unable to upgrade the checkpoint: the checkpoint is using model "

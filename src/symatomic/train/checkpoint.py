@@ -31,8 +31,9 @@ CHECKPOINT_FORMAT = "symatomic-checkpoint"
 #: every read-out, the heads' pair sums divided by the average number of
 #: neighbors, 1 before; 6: the uncertainties' ``covariance_root`` ``R`` with
 #: ``R Rᵀ = Σ`` instead of ``inverse_covariance`` ``Σ``, converted when loaded by
-#: :class:`symatomic.uncertainty.BlockUncertainty`)
-CHECKPOINT_VERSION = 6
+#: :class:`symatomic.uncertainty.BlockUncertainty`; 7: PET's
+#: ``reverse_last_layer``, off by default, on for older models)
+CHECKPOINT_VERSION = 7
 
 _REQUIRED = ("model_data", "model_state_dict", "epoch")
 
@@ -97,6 +98,13 @@ def upgrade_checkpoint(checkpoint: Dict[str, Any], path: str) -> Dict[str, Any]:
     if checkpoint["version"] < 6:
         # the model's load hook turns inverse_covariance into covariance_root
         checkpoint["version"] = 6
+    if checkpoint["version"] < 7:
+        # older PETs combined the last layer's tokens with their reverses
+        model_data = checkpoint.get("model_data")
+        if isinstance(model_data, dict) and isinstance(model_data.get("hypers"), dict):
+            model_data["hypers"] = dict(model_data["hypers"])
+            model_data["hypers"].setdefault("reverse_last_layer", True)
+        checkpoint["version"] = 7
     return checkpoint
 
 
