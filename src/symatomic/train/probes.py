@@ -20,12 +20,14 @@ is the candidate with the lowest *compared* loss: its validation loss times its
 :data:`HANDICAPS` factor (1 but for SOAP), and the elimination compares the same.
 SOAP learns fastest in the probes but flattens first, while the PETs keep
 improving: measured at 5 minutes, the small PET ended ahead of SOAP on the bundled
-example (forces 1.4x), the water monomers and dimers (up to 3.3x on four of five
-tensor blocks) and methane, and level on the example's energies and forces alone,
-though its probe loss was 1.2x to 3.4x SOAP's (it varies from run to run with the
-steps each gets: 2.1x and 3.4x on the example at the same point, 1.75x and 2.1x on
-the dimers); 2.5x to 4.4x behind on QM7-X (80 structures), it ended level but on
-the anisotropic polarizability (1.2x worse).
+example (forces 1.3x, tensors up to 1.75x), the water monomers (up to 3.3x on four
+of five tensor blocks) and dimers, methane and QM7-X (80 structures; α₀ 1.2x), and
+level on the example's energies and forces alone and on the QM7-X polarizabilities,
+though after its probe its loss was 1.1x to 5x SOAP's: 1.1x, 1.2x, 2.1x and 3.4x
+on the example in four runs, 2.1x and 5x on the monomers, 1.5x to 2.1x on the
+dimers, 1.1x and 4.4x on QM7-X (it varies from run to run with the steps each
+gets). Only where the PETs' steps do not fit (dense liquids at 5 minutes) was SOAP
+the best model. The probes then guard against a PET that does not learn at all.
 The winner goes on where its probe stopped, with its weights, its optimizer's state
 and its place in the learning-rate schedule, so that the time of the winner's probe
 is not lost; a candidate that is alone (the others skipped or stopped) wins without more
@@ -59,9 +61,9 @@ MIN_PROBE_STEPS = 8
 #: many times the best or more stops
 ELIMINATION_RATIO = 3.0
 #: candidate → factor of its validation loss when the probes are compared (the
-#: others: 1): SOAP's loss after its probe is 4x lower than where it ends,
-#: relative to the PETs' (see the module's documentation)
-HANDICAPS: Dict[str, float] = {"soap": 4.0}
+#: others: 1): SOAP's loss after its probe is up to 5x lower, relative to the
+#: PETs', than where it ends (see the module's documentation)
+HANDICAPS: Dict[str, float] = {"soap": 8.0}
 
 
 @dataclass
