@@ -27,13 +27,12 @@ ratios for larger domains (L = 30 Å), which do not fit in memory here.
 
 import argparse
 import math
-import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import ase
 import numpy as np
 import torch
+from ecse_cost import time_models
 from metatensor.torch import Labels
 from metatomic.torch import ModelEvaluationOptions, ModelOutput, System
 from pet_speed import metatrain_pet
@@ -141,33 +140,22 @@ def reach_counts(
     from vesin import NeighborList
 
     cutoff = model.cutoff
-    points = torch.tensor(positions)
     i, j = NeighborList(cutoff=cutoff, full_list=True).compute(
         points=positions, box=np.zeros((3, 3)), periodic=False, quantities="ij"
     )
     centers = torch.tensor(i, dtype=torch.long)
     neighbors = torch.tensor(j, dtype=torch.long)
     order = sort_pairs(centers, neighbors, len(numbers))
-    del points
     active = torch.zeros(len(numbers), dtype=torch.bool)
     active[:n_local] = True
     masks = layer_reach(
-        active, centers[order], neighbors[order], model.backbone.num_gnn_layers
+        active,
+        centers[order],
+        neighbors[order],
+        model.backbone.num_gnn_layers,
+        model.backbone.reverse_last_layer,
     )
     return [int(mask.sum()) for mask in masks[:-1]]
-
-
-def timed(functions: Dict[str, Callable], repeats: int) -> Dict[str, float]:
-    """Median seconds of each closure, calls alternating (one warm-up each)."""
-    for function in functions.values():
-        function()
-    times: Dict[str, List[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -198,7 +186,7 @@ def main() -> None:
         name: evaluation(m, atoms.numbers, atoms.positions, box, True, None, True)
         for name, m in models.items()
     }
-    seconds = timed(runs, args.repeats)
+    seconds = time_models(runs, args.repeats)
     for name, run in runs.items():
         periodic[name] = (run()[0].numpy().astype(np.float64), seconds[name])
         print(
@@ -227,7 +215,7 @@ def main() -> None:
                 functions["all"] = evaluation(
                     exported, numbers, positions, zero, False, None, False
                 )
-            seconds = timed(functions, args.repeats)
+            seconds = time_models(functions, args.repeats)
             energy = float(functions["rank"]()[0].sum())
             per_atom, periodic_seconds = periodic[name]
             share = periodic_seconds / len(atoms) * n_local

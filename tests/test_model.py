@@ -273,65 +273,53 @@ def test_statistics_fit_baseline(synthetic_file):
 def test_version_3_checkpoints_keep_cartesian_inputs(tmp_path, ecse):
     """Checkpoints of version 3 (before invariant edge inputs) describe PET with
     Cartesian inputs: they are rebuilt as such, with the same predictions."""
-    from symatomic.train.checkpoint import model_from_checkpoint, save_checkpoint
-
     torch.manual_seed(0)
     hypers = dict(TINY_MODEL, ecse={"mode": ecse, "frame_layers": 1})
     model = SymatomicModel(hypers, [1, 6, 8], _specs()).to(torch.float64)
     assert model.hypers["edge_inputs"] == "cartesian"
-    data = model.model_data()
-    data["hypers"] = {
-        key: value
-        for key, value in data["hypers"].items()
-        if key != "edge_inputs" and not key.startswith("density_")
-    }
-    path = str(tmp_path / "old.ckpt")
-    save_checkpoint(
-        {"model_data": data, "model_state_dict": model.state_dict(), "epoch": 1}, path
+    loaded = _rebuilt_from_old_checkpoint(
+        model,
+        tmp_path,
+        3,
+        lambda key: key == "edge_inputs" or key.startswith("density_"),
     )
-    old = torch.load(path, weights_only=True)
-    old["version"] = 3
-    torch.save(old, path)
-    loaded = model_from_checkpoint(path)
     assert loaded.hypers["edge_inputs"] == "cartesian"
     assert loaded.hypers["ecse"]["mode"] == ecse
-    atoms = make_frames(1, seed=3)[0]
-    structure = structure_from_atoms(atoms, "x")
-    compute_neighbors(structure, model.cutoff)
-    batch = collate([structure], torch.float64)
-    expected = predict_batch(model, batch, model.target_specs)[0]
-    result = predict_batch(loaded, batch, loaded.target_specs)[0]
-    for name in expected:
-        for a, b in zip(expected[name], result[name]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_version_6_checkpoints_keep_the_reverse_last_layer(tmp_path):
     """Checkpoints of version 6 (before ``reverse_last_layer`` was an option, off by
     default) describe PETs that combined the last layer's tokens with their
     reverses: they are rebuilt as such, with the same predictions and range."""
-    from symatomic.train.checkpoint import model_from_checkpoint, save_checkpoint
-
     torch.manual_seed(0)
     hypers = dict(TINY_MODEL, reverse_last_layer=True)
     model = SymatomicModel(hypers, [1, 6, 8], _specs()).to(torch.float64)
     assert model.interaction_range == pytest.approx(3 * TINY_MODEL["cutoff"])
+    loaded = _rebuilt_from_old_checkpoint(
+        model, tmp_path, 6, lambda key: key == "reverse_last_layer"
+    )
+    assert loaded.hypers["reverse_last_layer"] is True
+    assert loaded.interaction_range == model.interaction_range
+
+
+def _rebuilt_from_old_checkpoint(model, tmp_path, version, unknown_then):
+    """``model`` saved as a checkpoint of ``version`` whose hyper-parameters lack
+    the keys ``unknown_then(key)`` names, loaded again; its predictions are checked
+    equal (bit for bit) to those of ``model``. Returns the loaded model."""
+    from symatomic.train.checkpoint import model_from_checkpoint, save_checkpoint
+
     data = model.model_data()
     data["hypers"] = {
-        key: value
-        for key, value in data["hypers"].items()
-        if key != "reverse_last_layer"
+        key: value for key, value in data["hypers"].items() if not unknown_then(key)
     }
     path = str(tmp_path / "old.ckpt")
     save_checkpoint(
         {"model_data": data, "model_state_dict": model.state_dict(), "epoch": 1}, path
     )
     old = torch.load(path, weights_only=True)
-    old["version"] = 6
+    old["version"] = version
     torch.save(old, path)
     loaded = model_from_checkpoint(path)
-    assert loaded.hypers["reverse_last_layer"] is True
-    assert loaded.interaction_range == model.interaction_range
     atoms = make_frames(1, seed=3)[0]
     structure = structure_from_atoms(atoms, "x")
     compute_neighbors(structure, model.cutoff)
@@ -341,3 +329,4 @@ def test_version_6_checkpoints_keep_the_reverse_last_layer(tmp_path):
     for name in expected:
         for a, b in zip(expected[name], result[name]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return loaded

@@ -47,7 +47,7 @@ from .model_options import (
 )
 from .neighbors import reverse_pair_index, sort_pairs
 from .o3 import SolidHarmonics, WignerD
-from .pet import PET, PETFeatures
+from .pet import PET, PETFeatures, atoms_and_pairs
 from .readout import TargetReadout, atom_features, basis_inputs
 from .statistics import fit_output_statistics
 from .uncertainty import derived_output_names
@@ -1039,23 +1039,13 @@ def _heads_subset(
     """The active atoms (``(n_active,)`` indices) and the features, species and
     pair vectors of them and of their pairs, pairs renumbered among them (a
     backbone without frames: atoms own their features)."""
-    device = species.device
-    centers = features.edge_owners
-    atoms = torch.nonzero(active).reshape(-1)
-    pairs = torch.nonzero(active.index_select(0, centers)).reshape(-1)
-    n_active = atoms.shape[0]
-    local = torch.full((active.shape[0],), -1, dtype=torch.long, device=device)
-    local = local.index_copy(
-        0, atoms, torch.arange(n_active, dtype=torch.long, device=device)
-    )
-    local_centers = local.index_select(0, centers.index_select(0, pairs))
-    fc = features.fc.index_select(0, pairs)
+    atoms, pairs, local_centers = atoms_and_pairs(active, features.edge_owners)
     subset = PETFeatures(
         features.nodes.index_select(0, atoms),
         features.edges.index_select(0, pairs),
-        fc,
+        features.fc.index_select(0, pairs),
         local_centers,
-        torch.arange(n_active, device=device),
+        torch.arange(atoms.shape[0], device=species.device),
         features.owner_weights.index_select(0, atoms),
         features.rotations.index_select(0, atoms),
         features.is_aux.index_select(0, atoms),

@@ -32,6 +32,7 @@ __all__ = [
     "check_pet_hypers",
     "count_parameters",
     "LayerSubset",
+    "atoms_and_pairs",
     "layer_reach",
 ]
 
@@ -615,7 +616,6 @@ class PET(torch.nn.Module):
             )
 
         edge_geometry = torch.cat([edge_vectors, distances.unsqueeze(1)], dim=1)
-        layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
         harmonics: List[torch.Tensor] = []
         radial = distances.unsqueeze(1)
         if self.invariant_inputs:
@@ -629,14 +629,18 @@ class PET(torch.nn.Module):
             radial = torch.cat(
                 [distances.unsqueeze(1), self.density_radial(distances)], dim=1
             )
-        if self.invariant_inputs:
             # invariant edge inputs: r_ij, R_n(r_ij) and the projections of the
             # (message-weighted) neighbor density on r̂_ij
             edge_geometry = radial
         if active is not None and bool(active.all()):
             active = None
+        # the layout of every atom's attention, or (with active atoms) the atoms
+        # each layer computes, whose layouts are built layer by layer
+        layout: Optional[AttentionLayout] = None
         reach: List[torch.Tensor] = []
-        if active is not None:
+        if active is None:
+            layout = attention_layout(centers, log_fc, n_atoms, self.max_groups)
+        else:
             reach = layer_reach(
                 active,
                 centers,
@@ -646,7 +650,7 @@ class PET(torch.nn.Module):
             )
         layer_index = 0
         for gnn_layer in self.gnn_layers:
-            if active is None:
+            if layout is not None:
                 density_input = self._density_input(
                     layer_index, messages, radial, harmonics, fc, centers, n_atoms
                 )
@@ -968,19 +972,11 @@ class LayerSubset:
         with_reverse: bool = True,
     ):
         device = centers.device
-        n_atoms = computed.shape[0]
-        self.atoms = torch.nonzero(computed).reshape(-1)
-        self.pairs = torch.nonzero(computed.index_select(0, centers)).reshape(-1)
-        n_local = self.atoms.shape[0]
-        local = torch.full((n_atoms,), -1, dtype=torch.long, device=device)
-        local = local.index_copy(
-            0, self.atoms, torch.arange(n_local, dtype=torch.long, device=device)
-        )
-        self.local_centers = local.index_select(0, centers.index_select(0, self.pairs))
+        self.atoms, self.pairs, self.local_centers = atoms_and_pairs(computed, centers)
         self.layout = attention_layout(
             self.local_centers,
             log_fc.index_select(0, self.pairs),
-            n_local,
+            self.atoms.shape[0],
             max_groups,
         )
         position = torch.full_like(centers, -1).index_copy(
@@ -996,6 +992,22 @@ class LayerSubset:
             self.reversed = position.index_select(
                 0, reverse.index_select(0, self.updated)
             )
+
+
+def atoms_and_pairs(
+    mask: torch.Tensor, centers: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The atoms of ``mask`` (``(n_atoms,)`` bool) and their pairs: ``(atoms,
+    pairs, local_centers)``, the indices of the atoms, of the pairs centered on
+    them (among ``centers``, ``(n_pairs,)``; in order) and those pairs' centers
+    numbered among the atoms."""
+    atoms = torch.nonzero(mask).reshape(-1)
+    pairs = torch.nonzero(mask.index_select(0, centers)).reshape(-1)
+    local = torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    local = local.index_copy(
+        0, atoms, torch.arange(atoms.shape[0], dtype=torch.long, device=mask.device)
+    )
+    return atoms, pairs, local.index_select(0, centers.index_select(0, pairs))
 
 
 def layer_reach(
